@@ -1,0 +1,32 @@
+"""blipq producer: build jobs, submit them, read results. Light: no torch, no worker code."""
+
+from __future__ import annotations
+
+from producer.client import Client
+from producer.errors import BlipqError, InvalidJob, JobFailure, ResultTimeout
+from producer.jobs import (
+    CaptionJob,
+    CaptionOutput,
+    ErrorCode,
+    ImageRef,
+    JobError,
+    JobResult,
+    Timings,
+    parse_image_uri,
+)
+
+__all__ = [
+    "BlipqError",
+    "CaptionJob",
+    "CaptionOutput",
+    "Client",
+    "ErrorCode",
+    "ImageRef",
+    "InvalidJob",
+    "JobError",
+    "JobFailure",
+    "JobResult",
+    "ResultTimeout",
+    "Timings",
+    "parse_image_uri",
+]

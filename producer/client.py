@@ -1,0 +1,150 @@
+"""Client: submit jobs, wait for one result, or stream many as they complete."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import redis
+from celery import states
+
+from producer.config import ClientSettings
+from producer.constants import TASK_RUN_JOB, queue_for
+from producer.errors import ResultTimeout
+from producer.jobs import CaptionJob, ErrorCode, JobResult, decode_result, encode_job
+from producer.transport import make_app
+
+# How many result keys one results() call subscribes to at a time.
+_SUBSCRIBE_CHUNK = 1000
+
+
+class Client:
+    """The producer's handle on blipq. Thread-safe: share one per process."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        broker_url: str | None = None,
+        settings: ClientSettings | None = None,
+    ) -> None:
+        base = settings or ClientSettings()
+        overrides: dict[str, Any] = {}
+        if redis_url is not None:
+            overrides["redis_url"] = redis_url
+        if broker_url is not None:
+            overrides["broker_url"] = broker_url
+        self.settings = base.model_copy(update=overrides) if overrides else base
+        self._app = make_app(self.settings)
+        self._redis = redis.Redis.from_url(self.settings.redis_url)
+
+    @classmethod
+    def from_env(cls) -> Client:
+        """Build a client from ``BLIPQ_*`` environment variables."""
+        return cls(settings=ClientSettings())
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    def submit(self, job: CaptionJob, *, job_id: str | None = None) -> str:
+        """Send one job; return its id (the Celery task id)."""
+        job_id = job_id or str(uuid.uuid4())
+        self._send(job, job_id, producer=None)
+        return job_id
+
+    def submit_many(self, jobs: Iterable[CaptionJob]) -> list[str]:
+        """Send many jobs with one Redis round trip per chunk of ``submit_chunk`` jobs."""
+        ids: list[str] = []
+        chunk = self.settings.submit_chunk
+        pending = list(jobs)
+        with self._app.producer_or_acquire() as producer:
+            for start in range(0, len(pending), chunk):
+                # kombu's publish batch pipelines the LPUSHes of one chunk into one round trip.
+                with producer.batch(max_size=chunk):
+                    for job in pending[start : start + chunk]:
+                        job_id = str(uuid.uuid4())
+                        self._send(job, job_id, producer=producer)
+                        ids.append(job_id)
+        return ids
+
+    def _send(self, job: CaptionJob, job_id: str, producer: Any) -> None:
+        queue = queue_for(job.kind)
+        self._app.send_task(
+            TASK_RUN_JOB,
+            kwargs={"job": encode_job(job), "submitted_at": time.time()},
+            task_id=job_id,
+            queue=queue,
+            routing_key=queue,
+            producer=producer,
+        )
+
+    # --- results ---------------------------------------------------------------------------------
+
+    def result(self, job_id: str, timeout: float | None = None) -> JobResult:
+        """Wait for the result of one job; raise ResultTimeout after ``timeout`` seconds."""
+        for result in self.results([job_id], timeout=timeout):
+            return result
+        raise ResultTimeout(f"no result for job {job_id} within {timeout}s")  # pragma: no cover
+
+    def results(self, job_ids: Sequence[str], timeout: float | None = None) -> Iterator[JobResult]:
+        """Yield results as they complete (any order); ResultTimeout if some are still missing.
+
+        Uses the result backend's own publish-on-store: subscribe first, then read what is
+        already stored, then wait for messages, so no result can slip between the two.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for start in range(0, len(job_ids), _SUBSCRIBE_CHUNK):
+            yield from self._results_chunk(job_ids[start : start + _SUBSCRIBE_CHUNK], deadline)
+
+    def _results_chunk(self, job_ids: Sequence[str], deadline: float | None) -> Iterator[JobResult]:
+        backend = self._app.backend
+        keys = {backend.get_key_for_task(job_id).decode(): job_id for job_id in job_ids}
+        pending = dict(keys)
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(*keys)
+            for key, raw in zip(keys, self._redis.mget(list(keys)), strict=True):
+                result = self._to_result(keys[key], raw)
+                if result is not None:
+                    del pending[key]
+                    yield result
+            while pending:
+                wait = 1.0 if deadline is None else deadline - time.monotonic()
+                if wait <= 0:
+                    raise ResultTimeout(f"{len(pending)} of {len(keys)} results still pending")
+                message = pubsub.get_message(timeout=min(wait, 1.0))
+                if message is None:
+                    continue
+                key = message["channel"].decode()
+                result = self._to_result(keys[key], message["data"]) if key in pending else None
+                if result is not None:
+                    del pending[key]
+                    yield result
+        finally:
+            pubsub.close()
+
+    def _to_result(self, job_id: str, raw: bytes | None) -> JobResult | None:
+        """The final result in a stored meta record, or None while the job is not done."""
+        if raw is None:
+            return None
+        meta = self._app.backend.decode_result(raw)
+        if meta.get("status") not in states.READY_STATES:
+            return None
+        if meta.get("status") == states.SUCCESS:
+            return decode_result(meta["result"])
+        detail = meta.get("result") or {}
+        message = detail.get("exc_message") if isinstance(detail, dict) else str(detail)
+        return JobResult.failure(
+            job_id, "unknown", ErrorCode.INTERNAL, f"task {meta.get('status')}: {message}"
+        )
+
+    def close(self) -> None:
+        self._redis.close()
+        self._app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

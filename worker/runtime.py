@@ -1,0 +1,188 @@
+"""The worker's process-wide state: settings, loaded models, the batcher, S3, the publisher.
+
+Built once in the worker's start-up hook (``worker_init``), before any message is consumed;
+the model thread is started here and owns every model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+import torch
+
+from producer.errors import InvalidJob, JobFailure, Retryable
+from producer.jobs import ErrorCode, JobResult, Timings, decode_job
+from worker import images
+from worker.batcher import Batcher, BatchPolicy
+from worker.models import ModelRunner, Placement, load_runner
+from worker.publish import Publisher
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    output: Any
+    batch_size: int
+    inference_ms: float
+
+
+class Runtime:
+    """Turns one decoded message into one JobResult; many threads call ``handle`` at once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        runners: dict[str, ModelRunner],
+        *,
+        s3: S3Client,
+        redis_client: redis.Redis,
+    ) -> None:
+        self.settings = settings
+        self.runners = runners
+        self.s3 = s3
+        self.publisher = Publisher(redis_client, maxlen=settings.stream_maxlen)
+        self.limits = images.Limits(settings.max_image_bytes, settings.max_image_pixels)
+        self.batcher = Batcher(self._run_batch, self._policy)
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+
+    @classmethod
+    def start(cls, settings: Settings) -> Runtime:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        placement = Placement.from_settings(settings)
+        runners = {
+            spec.name: load_runner(spec, placement, warmup=settings.warmup)
+            for spec in settings.served()
+        }
+        runtime = cls(
+            settings,
+            runners,
+            s3=images.make_s3_client(settings),
+            redis_client=redis.Redis.from_url(settings.redis_url),
+        )
+        runtime.batcher.start()
+        return runtime
+
+    def stop(self) -> None:
+        self.batcher.stop(timeout=30)
+
+    # --- one job ---------------------------------------------------------------------------------
+
+    def handle(self, job_id: str, payload: object, submitted_at: float | None) -> JobResult:
+        """Run one job to a result. Raises only Retryable (the task layer retries it)."""
+        started = time.perf_counter()
+        queue_wait_ms = max(0.0, (time.time() - submitted_at) * 1000) if submitted_at else 0.0
+        kind = payload.get("kind", "unknown") if isinstance(payload, dict) else "unknown"
+        model = payload.get("model") if isinstance(payload, dict) else None
+        extra: dict[str, Any] = {"model": model, "worker": self.worker_name}
+        try:
+            result = self._run(job_id, payload, started, queue_wait_ms)
+        except Retryable:
+            raise
+        except JobFailure as exc:
+            result = JobResult.failure(job_id, str(kind), ErrorCode(exc.code), exc.message, **extra)
+        except Exception as exc:
+            log.exception("job %s failed in the model", job_id)
+            result = JobResult.failure(
+                job_id, str(kind), ErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}", **extra
+            )
+        if not result.ok:
+            total_ms = (time.perf_counter() - started) * 1000
+            timings = Timings(queue_wait_ms=queue_wait_ms, total_ms=total_ms + queue_wait_ms)
+            result = result.model_copy(update={"timings": timings})
+        return result
+
+    def _run(
+        self, job_id: str, payload: object, started: float, queue_wait_ms: float
+    ) -> JobResult:
+        job = decode_job(payload)
+        runner = self.runners.get(job.model)
+        if runner is None or runner.kind != job.kind:
+            raise JobFailure(
+                f"model {job.model!r} is not served here for {job.kind} jobs; "
+                f"served: {sorted(self.runners)}",
+                code=ErrorCode.UNKNOWN_MODEL,
+            )
+        data = images.fetch(self.s3, job.image_ref, self.limits, self.settings.s3_allowed_buckets)
+        image = images.decode(data, self.limits)
+        item = runner.prepare(job, image)
+        fetched = time.perf_counter()
+        future = self.batcher.submit((runner.name, runner.group_key(job)), item)
+        done: _Done = future.result(timeout=self.settings.task_time_limit_s)
+        total_ms = (time.perf_counter() - started) * 1000
+        return JobResult(
+            job_id=job_id,
+            kind=job.kind,
+            status="ok",
+            output=done.output.output,
+            model=runner.name,
+            timings=Timings(
+                queue_wait_ms=queue_wait_ms,
+                fetch_ms=(fetched - started) * 1000,
+                inference_ms=done.inference_ms,
+                total_ms=total_ms + queue_wait_ms,
+            ),
+            batch_size=done.batch_size,
+            worker=self.worker_name,
+        )
+
+    # --- the model thread ------------------------------------------------------------------------
+
+    def _policy(self, key: Hashable) -> BatchPolicy:
+        spec = self.runners[key[0]].spec  # type: ignore[index]
+        size = spec.max_batch_size or self.settings.max_batch_size
+        wait_ms = spec.max_wait_ms if spec.max_wait_ms is not None else self.settings.max_wait_ms
+        return BatchPolicy(max_size=size, max_wait_s=wait_ms / 1000)
+
+    def _run_batch(self, key: Hashable, items: list[Any]) -> Sequence[_Done]:
+        runner = self.runners[key[0]]  # type: ignore[index]
+        started = time.perf_counter()
+        outputs = runner.run_batch(items)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        return [_Done(output, len(items), elapsed_ms) for output in outputs]
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def start_runtime(settings: Settings) -> Runtime:
+    """Load the models and start the model thread (once per process)."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = Runtime.start(settings)
+        return _runtime
+
+
+def get_runtime() -> Runtime:
+    if _runtime is None:
+        from worker.settings import get_settings
+
+        return start_runtime(get_settings())
+    return _runtime
+
+
+def stop_runtime() -> None:
+    global _runtime
+    with _lock:
+        if _runtime is not None:
+            _runtime.stop()
+            _runtime = None
+
+
+# Re-exported for the task layer's error handling.
+__all__ = ["InvalidJob", "Runtime", "get_runtime", "start_runtime", "stop_runtime"]

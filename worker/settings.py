@@ -1,0 +1,175 @@
+"""The one settings object of a worker, read from ``BLIPQ_*`` environment variables at start-up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from producer.config import ClientSettings
+from producer.jobs import JOB_KINDS
+
+DEFAULT_MODELS: dict[str, str] = {
+    "caption-base": "Salesforce/blip-image-captioning-base",
+    "caption-large": "Salesforce/blip-image-captioning-large",
+}
+"""Model names a job may use, mapped to a Hugging Face hub id or a local directory."""
+
+# Which job kind a model serves, from the `architectures` entry of its config.json.
+ARCHITECTURE_KINDS: dict[str, str] = {
+    "BlipForConditionalGeneration": "caption",
+}
+
+
+class ModelSpec(BaseModel):
+    """One entry of the model map."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    source: str
+    kind: str
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    max_wait_ms: float | None = Field(default=None, ge=0, le=60_000)
+
+
+class Settings(ClientSettings):
+    """Everything a worker is configured by. Build it once, at start-up: ``Settings()``."""
+
+    # --- models ---
+    models: dict[str, str | dict[str, object]] = Field(
+        default_factory=dict,
+        description='Extra or overriding model map entries, JSON: {"name": "hub-id-or-dir"} or '
+        '{"name": {"source": ..., "kind": "caption", "max_batch_size": 32}}.',
+    )
+    serve: list[str] = Field(
+        default_factory=lambda: ["caption-base"],
+        description="Model names this worker loads at start and serves (comma-separated or JSON).",
+    )
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto = float16 on CUDA, float32 on CPU."
+    )
+    warmup: bool = Field(default=True, description="Run one dummy batch per model at start.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for torch (default: all cores)."
+    )
+
+    # --- batching ---
+    max_batch_size: int = Field(default=16, ge=1, le=1024, description="Items per forward pass.")
+    max_wait_ms: float = Field(
+        default=10.0, ge=0, le=60_000, description="Longest an item waits for its batch to fill."
+    )
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Worker threads (messages in flight); default 2 x max_batch_size + 4.",
+    )
+
+    # --- object storage ---
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint; unset = AWS."
+    )
+    s3_region: str | None = Field(default=None, description="S3 region name.")
+    s3_access_key_id: str | None = Field(
+        default=None, description="Else the normal boto3 credential chain."
+    )
+    s3_secret_access_key: SecretStr | None = Field(default=None)
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "path"
+    s3_allowed_buckets: list[str] | None = Field(
+        default=None, description="If set, only these buckets may be read."
+    )
+    s3_connect_timeout_s: float = Field(default=5.0, gt=0)
+    s3_read_timeout_s: float = Field(default=20.0, gt=0)
+    s3_max_attempts: int = Field(
+        default=4, ge=1, le=20, description="Tries per GET, with backoff."
+    )
+
+    # --- limits ---
+    max_image_bytes: int = Field(default=25 * 2**20, ge=1024, description="Largest object read.")
+    max_image_pixels: int = Field(
+        default=50_000_000, ge=4096, description="Largest decoded image (w x h)."
+    )
+
+    # --- delivery ---
+    visibility_timeout_s: int = Field(
+        default=3600,
+        ge=60,
+        description="Seconds before an unacknowledged message is redelivered (Redis broker); "
+        "must exceed the worst queue wait plus run time.",
+    )
+    task_time_limit_s: float = Field(default=600.0, gt=0, description="Hard limit per job.")
+    stream_maxlen: int = Field(default=100_000, ge=100, description="Results stream cap.")
+
+    @field_validator("serve", "s3_allowed_buckets", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_served(self) -> Settings:
+        known = self.model_map()
+        unknown = [name for name in self.serve if name not in known]
+        if unknown:
+            raise ValueError(
+                f"BLIPQ_SERVE names unknown models {unknown}; add them to BLIPQ_MODELS "
+                f'(e.g. BLIPQ_MODELS=\'{{"{unknown[0]}": "/path/to/model"}}\') '
+                f"or use one of {sorted(known)}"
+            )
+        if not self.serve:
+            raise ValueError("BLIPQ_SERVE is empty: name at least one model to serve")
+        return self
+
+    @property
+    def worker_concurrency(self) -> int:
+        return self.concurrency or 2 * self.max_batch_size + 4
+
+    def model_map(self) -> dict[str, ModelSpec]:
+        """Every model name a job may use, defaults first, ``BLIPQ_MODELS`` on top."""
+        raw: dict[str, str | dict[str, object]] = {**DEFAULT_MODELS, **self.models}
+        return {name: _spec(name, entry) for name, entry in raw.items()}
+
+    def served(self) -> list[ModelSpec]:
+        specs = self.model_map()
+        return [specs[name] for name in self.serve]
+
+    def served_kinds(self) -> list[str]:
+        return sorted({spec.kind for spec in self.served()})
+
+
+def _spec(name: str, entry: str | dict[str, object]) -> ModelSpec:
+    fields: dict[str, object] = {"source": entry} if isinstance(entry, str) else dict(entry)
+    fields.setdefault("kind", _infer_kind(name, str(fields["source"])))
+    return ModelSpec(name=name, **fields)  # type: ignore[arg-type]
+
+
+def _infer_kind(name: str, source: str) -> str:
+    """A model's job kind: from its local config.json, else from its name's prefix."""
+    config = Path(source) / "config.json"
+    if config.is_file():
+        for arch in json.loads(config.read_text()).get("architectures") or []:
+            if arch in ARCHITECTURE_KINDS:
+                return ARCHITECTURE_KINDS[arch]
+    for kind in JOB_KINDS:
+        if name.startswith(kind) or f"-{kind}" in name:
+            return kind
+    raise ValueError(
+        f"cannot tell which job kind model {name!r} serves; give it as "
+        f'{{"{name}": {{"source": "{source}", "kind": "caption"}}}}'
+    )
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process's settings, built from the environment on first use (at worker start)."""
+    global _settings
+    if _settings is None:
+        _settings = Settings()
+    return _settings
