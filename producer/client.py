@@ -98,10 +98,10 @@ class Client:
             yield from self._results_chunk(job_ids[start : start + _SUBSCRIBE_CHUNK], deadline)
 
     def _results_chunk(self, job_ids: Sequence[str], deadline: float | None) -> Iterator[JobResult]:
-        backend = self._app.backend
+        backend: Any = self._app.backend
         keys = {backend.get_key_for_task(job_id).decode(): job_id for job_id in job_ids}
         pending = dict(keys)
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
             pubsub.subscribe(*keys)
             for key, raw in zip(keys, self._redis.mget(list(keys)), strict=True):
@@ -124,11 +124,12 @@ class Client:
         finally:
             pubsub.close()
 
-    def _to_result(self, job_id: str, raw: bytes | None) -> JobResult | None:
+    def _to_result(self, job_id: str, raw: bytes | str | None) -> JobResult | None:
         """The final result in a stored meta record, or None while the job is not done."""
         if raw is None:
             return None
-        meta = self._app.backend.decode_result(raw)
+        backend: Any = self._app.backend
+        meta = backend.decode_result(raw)
         if meta.get("status") not in states.READY_STATES:
             return None
         if meta.get("status") == states.SUCCESS:

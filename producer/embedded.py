@@ -30,11 +30,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait(check: object, what: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+def _wait(
+    check: object, what: str, timeout: float, proc: subprocess.Popen[bytes], log: Path
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting:\n{tail}")
         if check():  # type: ignore[operator]
             return
         time.sleep(0.1)
@@ -79,7 +82,7 @@ class EmbeddedRedis:
         log = (self.dir / "server.log").open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        _wait(lambda: _pings(client), "redis", 20, self.proc)
+        _wait(lambda: _pings(client), "redis", 20, self.proc, self.dir / "server.log")
         client.close()
         return self
 
@@ -149,12 +152,12 @@ class EmbeddedS3:
         self.proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=env
         )
-        _wait(self._answers, "seaweedfs s3", 60, self.proc)
+        _wait(self._answers, "seaweedfs s3", 60, self.proc, self.dir / "server.log")
         return self
 
     def _answers(self) -> bool:
         try:
-            urllib.request.urlopen(self.endpoint_url, timeout=1)  # noqa: S310 - loopback only
+            urllib.request.urlopen(self.endpoint_url, timeout=1)
         except urllib.error.HTTPError:
             return True  # an S3 error document: the server is up
         except OSError:
@@ -178,3 +181,48 @@ class EmbeddedS3:
 
 def _free_pair() -> tuple[int, int]:
     return free_port(), free_port()
+
+
+class WorkerProcess:
+    """A real ``celery -A worker.app worker`` subprocess, configured by ``BLIPQ_*`` variables."""
+
+    def __init__(self, env: dict[str, str], *, name: str | None = None, cwd: Path | None = None):
+        self.env = {**os.environ, **env}
+        self.name = name or f"blipq-{free_port()}@%h"
+        self.cwd = cwd
+        self.log_path = Path(tempfile.mkstemp(prefix="blipq-worker-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 180) -> WorkerProcess:
+        import sys
+
+        args = [
+            sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+            "--loglevel", "INFO", "--hostname", self.name,
+            "--without-gossip", "--without-mingle",
+        ]  # fmt: skip
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
+        )
+        _wait(self._ready, "celery worker", timeout, self.proc, self.log_path)
+        return self
+
+    def _ready(self) -> bool:
+        return " ready." in self.log_path.read_text(errors="replace")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int | None:
+        """SIGTERM (warm shutdown), then SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 def build_config() -> dict[str, Any]:
     settings = get_settings()
-    queues = [Queue(queue_for(kind), routing_key=queue_for(kind)) for kind in settings.served_kinds()]
+    queues = [
+        Queue(queue_for(kind), routing_key=queue_for(kind)) for kind in settings.served_kinds()
+    ]
     return {
         **celery_config(settings),
         "task_queues": queues,
@@ -32,7 +34,7 @@ def build_config() -> dict[str, Any]:
         "worker_concurrency": settings.worker_concurrency,
         # One prefetched message per thread: enough for batches to fill, no hoarding.
         "worker_prefetch_multiplier": 1,
-        # Ack after the result is stored; a worker that dies mid-batch gets its messages redelivered.
+        # Ack after the result is stored; a worker dying mid-batch gets its messages redelivered.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
@@ -48,9 +50,9 @@ app = Celery("blipq", include=["worker.tasks"])
 app.add_defaults(build_config)
 
 
-@signals.worker_init.connect
+@signals.celeryd_after_setup.connect
 def _load_models(**_: Any) -> None:
-    """Load and warm up every served model before the first message is consumed."""
+    """Load and warm up every served model after logging is set up, before consuming starts."""
     from worker.runtime import start_runtime
 
     start_runtime(get_settings())

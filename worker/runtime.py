@@ -105,9 +105,7 @@ class Runtime:
             result = result.model_copy(update={"timings": timings})
         return result
 
-    def _run(
-        self, job_id: str, payload: object, started: float, queue_wait_ms: float
-    ) -> JobResult:
+    def _run(self, job_id: str, payload: object, started: float, queue_wait_ms: float) -> JobResult:
         job = decode_job(payload)
         runner = self.runners.get(job.model)
         if runner is None or runner.kind != job.kind:

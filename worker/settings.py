@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from producer.config import ClientSettings
 from producer.jobs import JOB_KINDS
@@ -44,7 +45,7 @@ class Settings(ClientSettings):
         description='Extra or overriding model map entries, JSON: {"name": "hub-id-or-dir"} or '
         '{"name": {"source": ..., "kind": "caption", "max_batch_size": 32}}.',
     )
-    serve: list[str] = Field(
+    serve: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["caption-base"],
         description="Model names this worker loads at start and serves (comma-separated or JSON).",
     )
@@ -79,14 +80,12 @@ class Settings(ClientSettings):
     )
     s3_secret_access_key: SecretStr | None = Field(default=None)
     s3_addressing_style: Literal["auto", "path", "virtual"] = "path"
-    s3_allowed_buckets: list[str] | None = Field(
+    s3_allowed_buckets: Annotated[list[str] | None, NoDecode] = Field(
         default=None, description="If set, only these buckets may be read."
     )
     s3_connect_timeout_s: float = Field(default=5.0, gt=0)
     s3_read_timeout_s: float = Field(default=20.0, gt=0)
-    s3_max_attempts: int = Field(
-        default=4, ge=1, le=20, description="Tries per GET, with backoff."
-    )
+    s3_max_attempts: int = Field(default=4, ge=1, le=20, description="Tries per GET, with backoff.")
 
     # --- limits ---
     max_image_bytes: int = Field(default=25 * 2**20, ge=1024, description="Largest object read.")
@@ -107,7 +106,9 @@ class Settings(ClientSettings):
     @field_validator("serve", "s3_allowed_buckets", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 

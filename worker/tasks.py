@@ -16,7 +16,7 @@ from worker.runtime import get_runtime
 _BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
-class JobTask(Task):  # type: ignore[misc]
+class JobTask(Task):  # type: ignore[type-arg]
     acks_late = True
     reject_on_worker_lost = True
 
@@ -28,7 +28,7 @@ class JobTask(Task):  # type: ignore[misc]
 @app.task(base=JobTask, bind=True, name=TASK_RUN_JOB, max_retries=None)  # type: ignore[untyped-decorator]
 def run_job(self: JobTask, job: Any = None, submitted_at: float | None = None) -> dict[str, Any]:
     runtime = get_runtime()
-    job_id: str = self.request.id
+    job_id = str(self.request.id)
     try:
         result = runtime.handle(job_id, job, submitted_at)
     except Retryable as exc:

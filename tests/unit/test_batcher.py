@@ -102,7 +102,9 @@ def test_per_item_exceptions_are_delivered_to_their_item() -> None:
 
 
 def test_wrong_number_of_outputs_is_an_error_not_a_silent_shift() -> None:
-    batcher = Batcher(lambda k, items: items[:-1], lambda key: BatchPolicy(8, 0.0), clock=FakeClock())
+    batcher = Batcher(
+        lambda k, items: items[:-1], lambda key: BatchPolicy(8, 0.0), clock=FakeClock()
+    )
     futures = [batcher.submit("k", i) for i in range(3)]
     batcher.poll(force=True)
     # After splitting down to single items, each single item yields zero outputs.
@@ -122,7 +124,7 @@ def test_batch_size_histogram() -> None:
 
 
 def test_model_thread_drains_on_stop_without_sleeping() -> None:
-    batcher, run, _ = make(max_size=100, max_wait_s=3600)  # only stop() can flush these
+    batcher, _, _ = make(max_size=100, max_wait_s=3600)  # only stop() can flush these
     thread = batcher.start()
     futures = [batcher.submit("k", i) for i in range(5)]
     batcher.stop(timeout=10)

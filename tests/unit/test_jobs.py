@@ -4,7 +4,14 @@ import pytest
 from pydantic import ValidationError
 
 from producer import CaptionJob, ErrorCode, InvalidJob, JobResult, parse_image_uri
-from producer.jobs import CaptionOutput, Timings, decode_job, decode_result, encode_job, encode_result
+from producer.jobs import (
+    CaptionOutput,
+    Timings,
+    decode_job,
+    decode_result,
+    encode_job,
+    encode_result,
+)
 
 
 def test_caption_job_defaults_and_round_trip() -> None:
@@ -57,8 +64,15 @@ def test_empty_prompt_means_unconditional() -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [None, "text", [], {}, {"kind": "caption"}, {"kind": "paint", "image": "s3://bkt/k"},
-     {"kind": "caption", "image": "s3://bkt/k", "extra": 1}],
+    [
+        None,
+        "text",
+        [],
+        {},
+        {"kind": "caption"},
+        {"kind": "paint", "image": "s3://bkt/k"},
+        {"kind": "caption", "image": "s3://bkt/k", "extra": 1},
+    ],
 )
 def test_decode_job_keeps_the_raw_payload(payload: object) -> None:
     with pytest.raises(InvalidJob) as info:
@@ -79,7 +93,9 @@ def test_result_round_trip() -> None:
         job_id="j1",
         kind="caption",
         status="ok",
-        output=CaptionOutput(caption="a photography of a cat", continuation="a cat", prompt="a photography of"),
+        output=CaptionOutput(
+            caption="a photography of a cat", continuation="a cat", prompt="a photography of"
+        ),
         model="caption-base",
         timings=Timings(queue_wait_ms=1.5, fetch_ms=2, inference_ms=30, total_ms=40),
         batch_size=8,

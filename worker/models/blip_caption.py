@@ -64,8 +64,11 @@ class CaptionRunner(ModelRunner):
                 self._prompts[prompt] = encoded
             return encoded
 
-    @torch.inference_mode()
     def run_batch(self, items: list[CaptionItem]) -> Sequence[Generated]:
+        with torch.inference_mode():
+            return self._generate(items)
+
+    def _generate(self, items: list[CaptionItem]) -> list[Generated]:
         job = items[0].job
         device, dtype = self.placement.device, self.placement.dtype
         pixels = torch.stack([item.pixel_values for item in items])

@@ -1,0 +1,133 @@
+"""``blipq demo``: the whole system on one machine, offline, in about a minute.
+
+Starts a private Redis and a private S3 server, uploads the sample images, starts a real
+``celery -A worker.app worker`` process, submits caption jobs through the Client, prints
+the results and shuts everything down. Runs from a checkout of the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+
+from producer.client import Client
+from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.jobs import CaptionJob, JobResult
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = Path(__file__).resolve().parent / "samples"
+SHAPES_MODEL = REPO / "tests" / "fixtures" / "models" / "shapes-caption"
+BUCKET = "demo-images"
+PROMPTS = (None, None, "a picture of")
+
+
+def _model_source(model: str | None) -> tuple[str, str]:
+    if model:
+        return model, "given with --model"
+    if (SHAPES_MODEL / "config.json").is_file():
+        return str(SHAPES_MODEL), "the shapes-world fixture model (a test instrument)"
+    directory = Path(tempfile.mkdtemp(prefix="blipq-demo-model-"))
+    subprocess.run(
+        [sys.executable, "-m", "tests.fixtures.tiny", str(directory)], check=True, cwd=REPO
+    )
+    return str(directory), "a tiny RANDOM-weight model: captions are gibberish, plumbing is real"
+
+
+def _upload(s3_server: EmbeddedS3) -> list[str]:
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+    )
+    s3.create_bucket(Bucket=BUCKET)
+    uris = []
+    for path in sorted(SAMPLES.iterdir()):
+        if path.suffix.lower() in {".jpg", ".jpeg", ".png"}:
+            s3.put_object(Bucket=BUCKET, Key=path.name, Body=path.read_bytes())
+            uris.append(f"s3://{BUCKET}/{path.name}")
+    return uris
+
+
+def run_demo(model: str | None = None, count: int = 24) -> int:
+    source, what = _model_source(model)
+    print(f"model: {source}\n       ({what})")
+    redis_server = EmbeddedRedis().start()
+    s3_server = EmbeddedS3().start()
+    worker: WorkerProcess | None = None
+    try:
+        print(f"redis: {redis_server.url}   s3: {s3_server.endpoint_url}")
+        uris = _upload(s3_server)
+        print(f"uploaded {len(uris)} sample images to s3://{BUCKET}/")
+        env = {
+            "BLIPQ_REDIS_URL": redis_server.url,
+            "BLIPQ_S3_ENDPOINT_URL": s3_server.endpoint_url,
+            "BLIPQ_S3_ACCESS_KEY_ID": s3_server.access_key,
+            "BLIPQ_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
+            "BLIPQ_MODELS": f'{{"demo-caption": {{"source": "{source}", "kind": "caption"}}}}',
+            "BLIPQ_SERVE": "demo-caption",
+            "BLIPQ_MAX_WAIT_MS": "30",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        }
+        started = time.perf_counter()
+        worker = WorkerProcess(env, cwd=REPO).start()
+        print(f"worker ready in {time.perf_counter() - started:.1f}s (log: {worker.log_path})")
+        return _caption(redis_server.url, uris, count)
+    finally:
+        if worker is not None:
+            code = worker.stop()
+            print(f"worker stopped (exit code {code})")
+        s3_server.close()
+        redis_server.close()
+        print("servers stopped")
+
+
+def _caption(redis_url: str, uris: list[str], count: int) -> int:
+    jobs = [
+        CaptionJob(
+            image=uris[i % len(uris)],
+            model="demo-caption",
+            prompt=PROMPTS[i % len(PROMPTS)],
+            max_new_tokens=20,
+        )
+        for i in range(count)
+    ]
+    with Client(redis_url=redis_url) as client:
+        started = time.perf_counter()
+        ids = client.submit_many(jobs)
+        results = {r.job_id: r for r in client.results(ids, timeout=300)}
+        elapsed = time.perf_counter() - started
+    print(f"\n{'image':<24} {'batch':>5} {'ms':>7}  caption")
+    failures = 0
+    for job, job_id in zip(jobs, ids, strict=True):
+        failures += _print_row(job, results[job_id])
+    print(f"\n{count} jobs in {elapsed:.2f}s ({count / elapsed:.1f} jobs/s), {failures} failed")
+    return 1 if failures else 0
+
+
+def _print_row(job: CaptionJob, result: JobResult) -> int:
+    name = job.image.rsplit("/", 1)[-1][:24]
+    if result.ok and result.output is not None:
+        print(
+            f"{name:<24} {result.batch_size:>5} {result.timings.total_ms:>7.0f}  "
+            f"{result.output.caption}"
+        )
+        return 0
+    error = result.error
+    print(
+        f"{name:<24} {'-':>5} {'-':>7}  ERROR {error.code if error else '?'}: "
+        f"{error.message if error else ''}"
+    )
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    sys.exit(run_demo())

@@ -1,0 +1,106 @@
+"""Real parts: a private Redis, a private SeaweedFS S3 server, real celery worker processes.
+
+A test that needs a server fails when the server cannot start; nothing here skips.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+
+from producer import Client
+from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from tests.fixtures.tiny import build_caption_model
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/e2e/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[EmbeddedS3]:
+    server = EmbeddedS3().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server: EmbeddedS3):  # type: ignore[no-untyped-def]
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_caption_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_caption_model(tmp_path_factory.mktemp("tiny-caption"))
+
+
+def worker_env(
+    redis_server: EmbeddedRedis, s3_server: EmbeddedS3, models: dict[str, str], **extra: str
+) -> dict[str, str]:
+    env = {
+        "BLIPQ_REDIS_URL": redis_server.url,
+        "BLIPQ_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "BLIPQ_S3_ACCESS_KEY_ID": s3_server.access_key,
+        "BLIPQ_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "BLIPQ_MODELS": json.dumps(models),
+        "BLIPQ_SERVE": ",".join(models),
+        "BLIPQ_TORCH_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def caption_worker(
+    redis_server: EmbeddedRedis, s3_server: EmbeddedS3, tiny_caption_dir: Path
+) -> Iterator[WorkerProcess]:
+    env = worker_env(
+        redis_server,
+        s3_server,
+        {"tiny-caption": str(tiny_caption_dir)},
+        BLIPQ_MAX_BATCH_SIZE="8",
+        BLIPQ_MAX_WAIT_MS="50",
+    )
+    worker = WorkerProcess(env, cwd=REPO).start()
+    yield worker
+    code = worker.stop()
+    assert code == 0, worker.log()[-5000:]
+
+
+@pytest.fixture
+def client(redis_server: EmbeddedRedis) -> Iterator[Client]:
+    with Client(redis_url=redis_server.url) as c:
+        yield c
+
+
+@pytest.fixture
+def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(redis_server.url)
+    yield r
+    r.close()
