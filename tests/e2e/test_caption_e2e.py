@@ -13,7 +13,7 @@ from PIL import Image
 
 from producer import CaptionJob, Client, ErrorCode, JobResult
 from producer.constants import RESULTS_STREAM
-from producer.embedded import WorkerProcess
+from producer.embedded import EmbeddedRedis, WorkerProcess
 from tests.fixtures.images import sample_jpegs
 
 PROMPTS = [None, "a photography of", "a picture of the red", None, "there is"]
@@ -135,3 +135,37 @@ def test_single_job_result_and_cli_round_trip(
     assert result.ok and result.job_id == job_id
     assert result.output is not None and result.output.caption
     assert result.batch_size >= 1
+
+
+def test_submit_many_is_one_round_trip_per_chunk(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Spy on redis-py: the LPUSHes of a chunk go out in one pipeline, never one by one."""
+    import redis.client
+
+    from producer.config import ClientSettings
+
+    counts = {"pipelines": 0, "direct_lpush": 0}
+    execute, lpush = redis.client.Pipeline.execute, redis.client.Redis.lpush
+
+    def counting_execute(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        counts["pipelines"] += 1
+        return execute(self, *args, **kwargs)
+
+    def counting_lpush(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not isinstance(self, redis.client.Pipeline):
+            counts["direct_lpush"] += 1
+        return lpush(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counting_execute)
+    monkeypatch.setattr(redis.client.Redis, "lpush", counting_lpush)
+    server = EmbeddedRedis().start()  # its own server: no worker consumes these jobs
+    try:
+        settings = ClientSettings(redis_url=server.url, submit_chunk=100)
+        with Client(settings=settings) as own:
+            jobs = [CaptionJob(image=f"s3://bkt/{i}.jpg", model="spy") for i in range(250)]
+            ids = own.submit_many(jobs)
+        assert redis.Redis.from_url(server.url).llen("blipq.caption") == 250
+    finally:
+        server.close()
+    assert len(set(ids)) == 250
+    assert counts["direct_lpush"] == 0
+    assert counts["pipelines"] <= 3 + 2  # three chunks, plus kombu's queue declarations
