@@ -169,3 +169,53 @@ def test_submit_many_is_one_round_trip_per_chunk(monkeypatch) -> None:  # type: 
     assert len(set(ids)) == 250
     assert counts["direct_lpush"] == 0
     assert counts["pipelines"] <= 3 + 2  # three chunks, plus kombu's queue declarations
+
+
+def test_cli_caption_wait_and_result(
+    caption_worker: WorkerProcess,
+    redis_server,  # type: ignore[no-untyped-def]
+    s3,  # type: ignore[no-untyped-def]
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    s3.create_bucket(Bucket="cli-images")
+    s3.put_object(Bucket="cli-images", Key="a.jpg", Body=sample_jpegs(1, seed=5)[0])
+    env = {**os.environ, "BLIPQ_REDIS_URL": redis_server.url}
+    blipq = [sys.executable, "-m", "producer.cli"]
+    args = [
+        "caption",
+        "s3://cli-images/a.jpg",
+        "--model",
+        "tiny-caption",
+        "--prompt",
+        "a picture of",
+    ]
+    done = subprocess.run(
+        [*blipq, *args, "--wait"], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["status"] == "ok"
+    assert printed["output"]["caption"].startswith("a picture of")
+
+    again = subprocess.run(
+        [*blipq, "result", printed["job_id"]], env=env, capture_output=True, text=True, check=False
+    )
+    assert again.returncode == 0 and json.loads(again.stdout) == printed
+
+    missing = subprocess.run(
+        [*blipq, "caption", "s3://cli-images/none.jpg", "--model", "tiny-caption", "--wait"],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout)["error"]["code"] == "not_found"
+
+    bad = subprocess.run(
+        [*blipq, "caption", "http://x/y.jpg"], env=env, capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2 and "s3://" in bad.stderr
