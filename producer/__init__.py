@@ -11,7 +11,12 @@ from producer.jobs import (
     ImageRef,
     JobError,
     JobResult,
+    MatchJob,
+    MatchOutput,
+    MatchScore,
     Timings,
+    VqaJob,
+    VqaOutput,
     parse_image_uri,
 )
 
@@ -26,7 +31,12 @@ __all__ = [
     "JobError",
     "JobFailure",
     "JobResult",
+    "MatchJob",
+    "MatchOutput",
+    "MatchScore",
     "ResultTimeout",
     "Timings",
+    "VqaJob",
+    "VqaOutput",
     "parse_image_uri",
 ]

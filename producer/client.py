@@ -13,7 +13,7 @@ from celery import states
 from producer.config import ClientSettings
 from producer.constants import TASK_RUN_JOB, queue_for
 from producer.errors import ResultTimeout
-from producer.jobs import CaptionJob, ErrorCode, JobResult, decode_result, encode_job
+from producer.jobs import AnyJob, ErrorCode, JobResult, decode_result, encode_job
 from producer.transport import make_app
 
 # How many result keys one results() call subscribes to at a time.
@@ -47,13 +47,13 @@ class Client:
 
     # --- sending ---------------------------------------------------------------------------------
 
-    def submit(self, job: CaptionJob, *, job_id: str | None = None) -> str:
+    def submit(self, job: AnyJob, *, job_id: str | None = None) -> str:
         """Send one job; return its id (the Celery task id)."""
         job_id = job_id or str(uuid.uuid4())
         self._send(job, job_id, producer=None)
         return job_id
 
-    def submit_many(self, jobs: Iterable[CaptionJob]) -> list[str]:
+    def submit_many(self, jobs: Iterable[AnyJob]) -> list[str]:
         """Send many jobs with one Redis round trip per chunk of ``submit_chunk`` jobs."""
         ids: list[str] = []
         chunk = self.settings.submit_chunk
@@ -68,7 +68,7 @@ class Client:
                         ids.append(job_id)
         return ids
 
-    def _send(self, job: CaptionJob, job_id: str, producer: Any) -> None:
+    def _send(self, job: AnyJob, job_id: str, producer: Any) -> None:
         queue = queue_for(job.kind)
         self._app.send_task(
             TASK_RUN_JOB,

@@ -18,7 +18,7 @@ import boto3
 
 from producer.client import Client
 from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
-from producer.jobs import CaptionJob, JobResult
+from producer.jobs import CaptionJob, CaptionOutput, JobResult
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -114,7 +114,7 @@ def _caption(redis_url: str, uris: list[str], count: int) -> int:
 
 def _print_row(job: CaptionJob, result: JobResult) -> int:
     name = job.image.rsplit("/", 1)[-1][:24]
-    if result.ok and result.output is not None:
+    if result.ok and isinstance(result.output, CaptionOutput):
         print(
             f"{name:<24} {result.batch_size:>5} {result.timings.total_ms:>7.0f}  "
             f"{result.output.caption}"

@@ -27,6 +27,8 @@ from producer.errors import InvalidJob
 # Limits a job can never exceed, whatever the worker allows: they bound what a producer can ask.
 MAX_PROMPT_CHARS = 500
 MAX_NEW_TOKENS = 256
+MAX_QUESTION_CHARS = 500
+MAX_MATCH_TEXTS = 64
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
 
@@ -134,18 +136,39 @@ class CaptionJob(_Job):
         return self
 
 
-Job = Annotated[CaptionJob, Field(discriminator="kind")]
-JOB_KINDS: tuple[str, ...] = ("caption",)
+class VqaJob(_Job):
+    """Answer a question about an image (BlipForQuestionAnswering)."""
 
-_JOB_ADAPTER: TypeAdapter[CaptionJob] = TypeAdapter(Job)
+    kind: Literal["vqa"] = "vqa"
+    model: str = Field(default="vqa-base", min_length=1, max_length=100)
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
+    max_new_tokens: int = Field(default=10, ge=1, le=MAX_NEW_TOKENS)
+    num_beams: int = Field(default=1, ge=1, le=8)
 
 
-def encode_job(job: CaptionJob) -> dict[str, Any]:
+class MatchJob(_Job):
+    """Score how well each text describes the image: ITM probability and ITC cosine."""
+
+    kind: Literal["match"] = "match"
+    model: str = Field(default="itm-base", min_length=1, max_length=100)
+    texts: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] = Field(
+        min_length=1, max_length=MAX_MATCH_TEXTS
+    )
+
+
+AnyJob = CaptionJob | VqaJob | MatchJob
+Job = Annotated[AnyJob, Field(discriminator="kind")]
+JOB_KINDS: tuple[str, ...] = ("caption", "vqa", "match")
+
+_JOB_ADAPTER: TypeAdapter[AnyJob] = TypeAdapter(Job)
+
+
+def encode_job(job: AnyJob) -> dict[str, Any]:
     """The JSON-ready payload of a job (defaults included, so a worker never guesses)."""
     return job.model_dump(mode="json")
 
 
-def decode_job(payload: object) -> CaptionJob:
+def decode_job(payload: object) -> AnyJob:
     """Validate a payload from the wire; raise InvalidJob (keeping the payload) if it is bad."""
     try:
         return _JOB_ADAPTER.validate_python(payload)
@@ -190,13 +213,37 @@ class CaptionOutput(_Record):
     prompt: str | None = None
 
 
+class VqaOutput(_Record):
+    answer: str
+    question: str
+
+
+class MatchScore(_Record):
+    text: str
+    itm: float
+    """Image-text matching probability (softmax of the ITM head, index 1)."""
+    itc: float
+    """Cosine similarity of the image and text embeddings (contrastive head)."""
+
+
+class MatchOutput(_Record):
+    scores: list[MatchScore]
+    """One entry per input text, in input order."""
+
+    def best(self) -> MatchScore:
+        return max(self.scores, key=lambda score: score.itm)
+
+
+AnyOutput = CaptionOutput | VqaOutput | MatchOutput
+
+
 class JobResult(_Record):
     """The record stored for every job under its id, success or failure."""
 
     job_id: str
     kind: str
     status: Literal["ok", "error"]
-    output: CaptionOutput | None = None
+    output: AnyOutput | None = None
     error: JobError | None = None
     model: str | None = None
     timings: Timings = Timings()

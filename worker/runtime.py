@@ -45,7 +45,7 @@ class Runtime:
     def __init__(
         self,
         settings: Settings,
-        runners: dict[str, ModelRunner],
+        runners: dict[str, ModelRunner[Any]],
         *,
         s3: S3Client,
         redis_client: redis.Redis,
@@ -118,7 +118,7 @@ class Runtime:
         image = images.decode(data, self.limits)
         item = runner.prepare(job, image)
         fetched = time.perf_counter()
-        future = self.batcher.submit((runner.name, runner.group_key(job)), item)
+        future = self.batcher.submit((runner.name, runner.group_key(item)), item)
         done: _Done = future.result(timeout=self.settings.task_time_limit_s)
         total_ms = (time.perf_counter() - started) * 1000
         return JobResult(

@@ -15,12 +15,18 @@ from producer.jobs import JOB_KINDS
 DEFAULT_MODELS: dict[str, str] = {
     "caption-base": "Salesforce/blip-image-captioning-base",
     "caption-large": "Salesforce/blip-image-captioning-large",
+    "vqa-base": "Salesforce/blip-vqa-base",
+    "vqa-capfilt-large": "Salesforce/blip-vqa-capfilt-large",
+    "itm-base": "Salesforce/blip-itm-base-coco",
+    "itm-large": "Salesforce/blip-itm-large-coco",
 }
 """Model names a job may use, mapped to a Hugging Face hub id or a local directory."""
 
 # Which job kind a model serves, from the `architectures` entry of its config.json.
 ARCHITECTURE_KINDS: dict[str, str] = {
     "BlipForConditionalGeneration": "caption",
+    "BlipForQuestionAnswering": "vqa",
+    "BlipForImageTextRetrieval": "match",
 }
 
 
@@ -156,8 +162,9 @@ def _infer_kind(name: str, source: str) -> str:
         for arch in json.loads(config.read_text()).get("architectures") or []:
             if arch in ARCHITECTURE_KINDS:
                 return ARCHITECTURE_KINDS[arch]
-    for kind in JOB_KINDS:
-        if name.startswith(kind) or f"-{kind}" in name:
+    prefixes = {kind: kind for kind in JOB_KINDS} | {"itm": "match"}
+    for prefix, kind in prefixes.items():
+        if name.startswith(prefix) or f"-{prefix}" in name:
             return kind
     raise ValueError(
         f"cannot tell which job kind model {name!r} serves; give it as "

@@ -15,7 +15,7 @@ import redis
 
 from producer import Client
 from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
-from tests.fixtures.tiny import build_caption_model
+from tests.fixtures.tiny import build_caption_model, build_match_model, build_vqa_model
 
 pytestmark = pytest.mark.e2e
 
@@ -77,13 +77,33 @@ def worker_env(
 
 
 @pytest.fixture(scope="session")
+def tiny_vqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_vqa_model(tmp_path_factory.mktemp("tiny-vqa"))
+
+
+@pytest.fixture(scope="session")
+def tiny_match_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_match_model(tmp_path_factory.mktemp("tiny-match"))
+
+
+@pytest.fixture(scope="session")
 def caption_worker(
-    redis_server: EmbeddedRedis, s3_server: EmbeddedS3, tiny_caption_dir: Path
+    redis_server: EmbeddedRedis,
+    s3_server: EmbeddedS3,
+    tiny_caption_dir: Path,
+    tiny_vqa_dir: Path,
+    tiny_match_dir: Path,
 ) -> Iterator[WorkerProcess]:
+    """One worker serving a tiny model of each kind (queues blipq.caption, .vqa, .match)."""
+    models = {
+        "tiny-caption": str(tiny_caption_dir),
+        "tiny-vqa": str(tiny_vqa_dir),
+        "tiny-match": str(tiny_match_dir),
+    }
     env = worker_env(
         redis_server,
         s3_server,
-        {"tiny-caption": str(tiny_caption_dir)},
+        models,
         BLIPQ_MAX_BATCH_SIZE="8",
         BLIPQ_MAX_WAIT_MS="50",
     )

@@ -10,3 +10,17 @@ from tests.fixtures.tiny import build_caption_model
 @pytest.fixture(scope="session")
 def tiny_caption_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_caption_model(tmp_path_factory.mktemp("tiny-caption"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures.tiny import build_vqa_model
+
+    return build_vqa_model(tmp_path_factory.mktemp("tiny-vqa"))
+
+
+@pytest.fixture(scope="session")
+def tiny_match_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures.tiny import build_match_model
+
+    return build_match_model(tmp_path_factory.mktemp("tiny-match"))

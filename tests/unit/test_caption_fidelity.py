@@ -66,12 +66,13 @@ def test_batched_equals_one_by_one_with_mixed_prompts(
     ]
     # Group exactly as the worker does, then run each group as one batch.
     groups: dict[object, list[int]] = defaultdict(list)
-    for index, job in enumerate(jobs):
-        groups[runner.group_key(job)].append(index)
+    prepared = [runner.prepare(job, pic) for job, pic in zip(jobs, pics, strict=True)]
+    for index, item in enumerate(prepared):
+        groups[runner.group_key(item)].append(index)
     assert len(groups) == len(set(PROMPTS))  # identical prompts share, different ones do not
     batched: dict[int, list[int]] = {}
     for members in groups.values():
-        items = [runner.prepare(jobs[i], pics[i]) for i in members]
+        items = [prepared[i] for i in members]
         for index, generated in zip(members, runner.run_batch(items), strict=True):
             batched[index] = generated.token_ids
 
@@ -115,7 +116,7 @@ def test_through_the_batcher_from_many_threads(
 
     def one(index: int) -> list[int]:
         item = runner.prepare(jobs[index], pics[index])
-        return batcher.submit(runner.group_key(jobs[index]), item).result(60).token_ids
+        return batcher.submit(runner.group_key(item), item).result(60).token_ids
 
     with ThreadPoolExecutor(10) as pool:
         got = list(pool.map(one, range(10)))

@@ -7,12 +7,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from PIL import Image
 
-from producer.jobs import CaptionJob
+from producer.jobs import AnyJob
 from worker.settings import ModelSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,10 @@ class Placement:
         return cls(device=device, dtype=dtype)
 
 
-class ModelRunner(ABC):
+J = TypeVar("J", bound=AnyJob)
+
+
+class ModelRunner(ABC, Generic[J]):
     """One loaded model. ``prepare`` runs in worker threads; ``run_batch`` in the model thread."""
 
     kind: str
@@ -56,12 +59,12 @@ class ModelRunner(ABC):
         """Load weights and processor from ``spec.source`` (hub id or local dir)."""
 
     @abstractmethod
-    def group_key(self, job: CaptionJob) -> Hashable:
-        """Everything that must be equal for two items to share one forward pass."""
+    def prepare(self, job: J, image: Image.Image) -> Any:
+        """Turn one job and its image into a model-ready item (CPU tensors)."""
 
     @abstractmethod
-    def prepare(self, job: CaptionJob, image: Image.Image) -> Any:
-        """Turn one job and its image into a model-ready item (CPU tensors)."""
+    def group_key(self, item: Any) -> Hashable:
+        """Everything that must be equal for two prepared items to share one forward pass."""
 
     @abstractmethod
     def run_batch(self, items: list[Any]) -> Sequence[Any]:
@@ -72,11 +75,44 @@ class ModelRunner(ABC):
         """Run one small batch so the first real job does not pay for lazy initialisation."""
 
 
-def load_runner(spec: ModelSpec, placement: Placement, *, warmup: bool) -> ModelRunner:
+def load_blip_processor(source: str) -> tuple[Any, Any]:
+    """The processor of a BLIP checkpoint, with its image processor pinned to the PIL backend.
+
+    The default backend depends on whether torchvision is installed, and the two resize
+    differently: pinning it gives the same pixels from the same saved config on every machine.
+    """
+    from transformers import BlipProcessor
+    from transformers.models.blip import BlipImageProcessorPil
+
+    processor = BlipProcessor.from_pretrained(source)
+    return processor, BlipImageProcessorPil.from_pretrained(source)
+
+
+def pixel_values(image_processor: Any, image: Image.Image) -> torch.Tensor:
+    """One image's (3, H, W) float32 tensor, exactly as the processor makes it."""
+    tensor: torch.Tensor = image_processor(image, return_tensors="pt")["pixel_values"][0]
+    return tensor
+
+
+def stack_pixels(tensors: list[torch.Tensor], placement: Placement) -> torch.Tensor:
+    """Stack CPU tensors and move them to the model's device (pinned for an async copy)."""
+    pixels = torch.stack(tensors)
+    if placement.device.type == "cuda":
+        pixels = pixels.pin_memory()
+    return pixels.to(placement.device, placement.dtype, non_blocking=True)
+
+
+def load_runner(spec: ModelSpec, placement: Placement, *, warmup: bool) -> ModelRunner[Any]:
     """Build, load and warm up the runner of one model; log what was loaded, where, how fast."""
     from worker.models.blip_caption import CaptionRunner
+    from worker.models.blip_match import MatchRunner
+    from worker.models.blip_vqa import VqaRunner
 
-    families: dict[str, type[ModelRunner]] = {"caption": CaptionRunner}
+    families: dict[str, type[ModelRunner[Any]]] = {
+        "caption": CaptionRunner,
+        "vqa": VqaRunner,
+        "match": MatchRunner,
+    }
     if spec.kind not in families:
         raise ValueError(f"model {spec.name!r}: no model family serves kind {spec.kind!r}")
     runner = families[spec.kind](spec, placement)

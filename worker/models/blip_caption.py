@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from producer.jobs import CaptionJob, CaptionOutput
-from worker.models.base import ModelRunner
+from worker.models.base import ModelRunner, load_blip_processor, pixel_values, stack_pixels
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,31 +26,28 @@ class Generated:
     token_ids: list[int]
 
 
-class CaptionRunner(ModelRunner):
+class CaptionRunner(ModelRunner[CaptionJob]):
     kind = "caption"
 
     def load(self) -> None:
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-        from transformers.models.blip import BlipImageProcessorPil
+        from transformers import BlipForConditionalGeneration
 
         source = self.spec.source
-        self.processor = BlipProcessor.from_pretrained(source)
-        # Pin the PIL backend: the default backend depends on whether torchvision is installed,
-        # and the two resize differently. Same saved config, same pixels, on every machine.
-        self.image_processor = BlipImageProcessorPil.from_pretrained(source)
+        self.processor, self.image_processor = load_blip_processor(source)
         self.tokenizer = self.processor.tokenizer
         model = BlipForConditionalGeneration.from_pretrained(source, dtype=self.placement.dtype)
         self.model = model.to(self.placement.device).eval()
         self._prompts: dict[str, dict[str, torch.Tensor]] = {}
         self._prompts_lock = threading.Lock()
 
-    def group_key(self, job: CaptionJob) -> Hashable:
+    def group_key(self, item: CaptionItem) -> Hashable:
+        job = item.job
         # BLIP's generate drops the last prompt column, so padded prompts of different lengths
         # would decode differently than alone: only identical prompts share a batch.
         return (self.name, job.prompt, job.max_new_tokens, job.min_new_tokens, job.num_beams)
 
     def prepare(self, job: CaptionJob, image: Image.Image) -> CaptionItem:
-        pixels = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        pixels = pixel_values(self.image_processor, image)
         if job.prompt is not None:
             self._encode_prompt(job.prompt)
         return CaptionItem(pixel_values=pixels, job=job)
@@ -70,11 +67,9 @@ class CaptionRunner(ModelRunner):
 
     def _generate(self, items: list[CaptionItem]) -> list[Generated]:
         job = items[0].job
-        device, dtype = self.placement.device, self.placement.dtype
-        pixels = torch.stack([item.pixel_values for item in items])
-        if device.type == "cuda":
-            pixels = pixels.pin_memory()
-        inputs: dict[str, Any] = {"pixel_values": pixels.to(device, dtype, non_blocking=True)}
+        device = self.placement.device
+        pixels = stack_pixels([item.pixel_values for item in items], self.placement)
+        inputs: dict[str, Any] = {"pixel_values": pixels}
         prompt_len = 1  # the [DEC] token generate starts from
         if job.prompt is not None:
             encoded = self._encode_prompt(job.prompt)
