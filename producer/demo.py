@@ -71,7 +71,7 @@ def run_demo(model: str | None = None, count: int = 24) -> int:
             "BLIPQ_S3_ENDPOINT_URL": s3_server.endpoint_url,
             "BLIPQ_S3_ACCESS_KEY_ID": s3_server.access_key,
             "BLIPQ_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
-            "BLIPQ_MODELS": f'{{"demo-caption": {{"source": "{source}", "kind": "caption"}}}}',
+            "BLIPQ_MODELS": f'{{"demo-caption": {{"source": "{source}", "family": "caption"}}}}',
             "BLIPQ_SERVE": "demo-caption",
             "BLIPQ_MAX_WAIT_MS": "30",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",

@@ -141,7 +141,7 @@ class EmbeddedS3:
             f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={config}",
-            "-webdav=false", "-admin.ui=false",
+            "-webdav=false", "-admin.ui=false", f"-logdir={self.dir}",
             f"-debug.port={free_port()}",
         ]  # fmt: skip
         for name, (http, grpc) in ports.items():

@@ -29,6 +29,8 @@ MAX_PROMPT_CHARS = 500
 MAX_NEW_TOKENS = 256
 MAX_QUESTION_CHARS = 500
 MAX_MATCH_TEXTS = 64
+MAX_HISTORY_TURNS = 20
+MAX_CANDIDATES = 16
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
 
@@ -123,6 +125,18 @@ class CaptionJob(_Job):
     max_new_tokens: int = Field(default=30, ge=1, le=MAX_NEW_TOKENS)
     min_new_tokens: int = Field(default=0, ge=0, le=MAX_NEW_TOKENS)
     num_beams: int = Field(default=1, ge=1, le=8)
+    candidates: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_CANDIDATES,
+        description="Best-of-k (CapFilt): also sample k nucleus captions (top_p 0.9), score all "
+        "with an ITM model, return them best first.",
+    )
+    scorer: str | None = Field(
+        default=None,
+        max_length=100,
+        description="ITM model that ranks candidates (default: the worker's caption_scorer).",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -144,6 +158,11 @@ class VqaJob(_Job):
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     max_new_tokens: int = Field(default=10, ge=1, le=MAX_NEW_TOKENS)
     num_beams: int = Field(default=1, ge=1, le=8)
+    history: list[tuple[str, str]] = Field(
+        default_factory=list,
+        max_length=MAX_HISTORY_TURNS,
+        description="Earlier (question, answer) turns for chat on BLIP-2 models.",
+    )
 
 
 class MatchJob(_Job):
@@ -156,9 +175,17 @@ class MatchJob(_Job):
     )
 
 
-AnyJob = CaptionJob | VqaJob | MatchJob
+class ModerationJob(_Job):
+    """Zero-shot moderation of an image against a named policy (categories and thresholds)."""
+
+    kind: Literal["moderate"] = "moderate"
+    model: str = Field(default="itm-base", min_length=1, max_length=100)
+    policy: str = Field(default="default", min_length=1, max_length=100)
+
+
+AnyJob = CaptionJob | VqaJob | MatchJob | ModerationJob
 Job = Annotated[AnyJob, Field(discriminator="kind")]
-JOB_KINDS: tuple[str, ...] = ("caption", "vqa", "match")
+JOB_KINDS: tuple[str, ...] = ("caption", "vqa", "match", "moderate")
 
 _JOB_ADAPTER: TypeAdapter[AnyJob] = TypeAdapter(Job)
 
@@ -205,12 +232,20 @@ class Timings(_Record):
     total_ms: float = 0.0
 
 
+class ScoredCaption(_Record):
+    caption: str
+    itm: float
+    source: Literal["beam", "sample"]
+
+
 class CaptionOutput(_Record):
     caption: str
     """The full caption; with a prompt it starts with the prompt, as BLIP returns it."""
     continuation: str
     """What the model added after the prompt (equals ``caption`` without a prompt)."""
     prompt: str | None = None
+    candidates: list[ScoredCaption] | None = None
+    """With ``candidates=k``: the beam caption and the sampled ones, deduplicated, best first."""
 
 
 class VqaOutput(_Record):
@@ -234,7 +269,23 @@ class MatchOutput(_Record):
         return max(self.scores, key=lambda score: score.itm)
 
 
-AnyOutput = CaptionOutput | VqaOutput | MatchOutput
+class CategoryScore(_Record):
+    name: str
+    parent: str | None = None
+    score: float
+    review_threshold: float
+    block_threshold: float
+    flagged: Literal["none", "review", "block"]
+
+
+class ModerationOutput(_Record):
+    policy: str
+    version: str
+    decision: Literal["allow", "review", "block"]
+    categories: list[CategoryScore]
+
+
+AnyOutput = CaptionOutput | VqaOutput | MatchOutput | ModerationOutput
 
 
 class JobResult(_Record):

@@ -108,7 +108,7 @@ class Runtime:
     def _run(self, job_id: str, payload: object, started: float, queue_wait_ms: float) -> JobResult:
         job = decode_job(payload)
         runner = self.runners.get(job.model)
-        if runner is None or runner.kind != job.kind:
+        if runner is None or job.kind not in runner.kinds:
             raise JobFailure(
                 f"model {job.model!r} is not served here for {job.kind} jobs; "
                 f"served: {sorted(self.runners)}",

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import NoDecode
 
 from producer.config import ClientSettings
-from producer.jobs import JOB_KINDS
 
 DEFAULT_MODELS: dict[str, str] = {
     "caption-base": "Salesforce/blip-image-captioning-base",
@@ -22,11 +21,23 @@ DEFAULT_MODELS: dict[str, str] = {
 }
 """Model names a job may use, mapped to a Hugging Face hub id or a local directory."""
 
-# Which job kind a model serves, from the `architectures` entry of its config.json.
-ARCHITECTURE_KINDS: dict[str, str] = {
+# The shapes-world fixture models shipped in a checkout of the repository (a test instrument).
+FIXTURE_MODELS_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "models"
+
+# The model family of a checkpoint, from the `architectures` entry of its config.json.
+ARCHITECTURE_FAMILIES: dict[str, str] = {
     "BlipForConditionalGeneration": "caption",
     "BlipForQuestionAnswering": "vqa",
     "BlipForImageTextRetrieval": "match",
+    "Blip2ForConditionalGeneration": "blip2",
+}
+
+# The job kinds each model family serves (one queue per kind: blipq.<kind>).
+FAMILY_KINDS: dict[str, tuple[str, ...]] = {
+    "caption": ("caption",),
+    "vqa": ("vqa",),
+    "match": ("match",),
+    "blip2": ("caption", "vqa"),
 }
 
 
@@ -37,9 +48,13 @@ class ModelSpec(BaseModel):
 
     name: str
     source: str
-    kind: str
+    family: Literal["caption", "vqa", "match", "blip2"]
     max_batch_size: int | None = Field(default=None, ge=1, le=1024)
     max_wait_ms: float | None = Field(default=None, ge=0, le=60_000)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return FAMILY_KINDS[self.family]
 
 
 class Settings(ClientSettings):
@@ -49,7 +64,8 @@ class Settings(ClientSettings):
     models: dict[str, str | dict[str, object]] = Field(
         default_factory=dict,
         description='Extra or overriding model map entries, JSON: {"name": "hub-id-or-dir"} or '
-        '{"name": {"source": ..., "kind": "caption", "max_batch_size": 32}}.',
+        '{"name": {"source": ..., "family": "caption", "max_batch_size": 32}}; families: '
+        "caption, vqa, match, blip2 (inferred from a local config.json or the name).",
     )
     serve: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["caption-base"],
@@ -138,7 +154,11 @@ class Settings(ClientSettings):
 
     def model_map(self) -> dict[str, ModelSpec]:
         """Every model name a job may use, defaults first, ``BLIPQ_MODELS`` on top."""
-        raw: dict[str, str | dict[str, object]] = {**DEFAULT_MODELS, **self.models}
+        raw: dict[str, str | dict[str, object]] = {
+            **DEFAULT_MODELS,
+            **_fixture_models(),
+            **self.models,
+        }
         return {name: _spec(name, entry) for name, entry in raw.items()}
 
     def served(self) -> list[ModelSpec]:
@@ -146,29 +166,40 @@ class Settings(ClientSettings):
         return [specs[name] for name in self.serve]
 
     def served_kinds(self) -> list[str]:
-        return sorted({spec.kind for spec in self.served()})
+        return sorted({kind for spec in self.served() for kind in spec.kinds})
+
+
+def _fixture_models() -> dict[str, str | dict[str, object]]:
+    if not FIXTURE_MODELS_DIR.is_dir():
+        return {}
+    return {
+        path.name: str(path)
+        for path in sorted(FIXTURE_MODELS_DIR.iterdir())
+        if (path / "config.json").is_file()
+    }
 
 
 def _spec(name: str, entry: str | dict[str, object]) -> ModelSpec:
     fields: dict[str, object] = {"source": entry} if isinstance(entry, str) else dict(entry)
-    fields.setdefault("kind", _infer_kind(name, str(fields["source"])))
+    fields.setdefault("family", _infer_family(name, str(fields["source"])))
     return ModelSpec(name=name, **fields)  # type: ignore[arg-type]
 
 
-def _infer_kind(name: str, source: str) -> str:
-    """A model's job kind: from its local config.json, else from its name's prefix."""
+def _infer_family(name: str, source: str) -> str:
+    """A model's family: from its local config.json, else from its name or hub id."""
     config = Path(source) / "config.json"
     if config.is_file():
         for arch in json.loads(config.read_text()).get("architectures") or []:
-            if arch in ARCHITECTURE_KINDS:
-                return ARCHITECTURE_KINDS[arch]
-    prefixes = {kind: kind for kind in JOB_KINDS} | {"itm": "match"}
-    for prefix, kind in prefixes.items():
-        if name.startswith(prefix) or f"-{prefix}" in name:
-            return kind
+            if arch in ARCHITECTURE_FAMILIES:
+                return ARCHITECTURE_FAMILIES[arch]
+    hints = {"blip2": "blip2", "itm": "match", "match": "match", "vqa": "vqa", "caption": "caption"}
+    for hint, family in hints.items():
+        if hint in name.lower() or hint in source.lower():
+            return family
     raise ValueError(
-        f"cannot tell which job kind model {name!r} serves; give it as "
-        f'{{"{name}": {{"source": "{source}", "kind": "caption"}}}}'
+        f"cannot tell which model family {name!r} is; give it as "
+        f'{{"{name}": {{"source": "{source}", "family": "caption"}}}} '
+        f"(families: {sorted(FAMILY_KINDS)})"
     )
 
 

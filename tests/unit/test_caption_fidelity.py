@@ -22,7 +22,7 @@ PROMPTS = [None, "a photography of", "a picture of the red", "there is", None, "
 
 @pytest.fixture(scope="module")
 def runner(tiny_caption_dir: Path) -> CaptionRunner:
-    spec = ModelSpec(name="tiny", source=str(tiny_caption_dir), kind="caption")
+    spec = ModelSpec(name="tiny", source=str(tiny_caption_dir), family="caption")
     loaded = CaptionRunner(spec, Placement(torch.device("cpu"), torch.float32))
     loaded.load()
     return loaded

@@ -22,7 +22,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("BLIPQ_S3_ALLOWED_BUCKETS", "a-bucket,b-bucket")
     settings = Settings()
     assert settings.serve == ["mine", "caption-large"]
-    assert [s.kind for s in settings.served()] == ["caption", "caption"]
+    assert [s.family for s in settings.served()] == ["caption", "caption"]
     assert settings.model_map()["caption-large"].source == "Salesforce/blip-image-captioning-large"
     assert settings.s3_allowed_buckets == ["a-bucket", "b-bucket"]
     assert settings.worker_concurrency == 68

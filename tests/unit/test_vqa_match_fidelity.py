@@ -33,7 +33,7 @@ def images(count: int) -> list[Image.Image]:
 
 
 def load(runner_class: type[ModelRunner[Any]], directory: Path, kind: str) -> Any:
-    runner = runner_class(ModelSpec(name="tiny", source=str(directory), kind=kind), CPU)
+    runner = runner_class(ModelSpec(name="tiny", source=str(directory), family=kind), CPU)
     runner.load()
     return runner
 

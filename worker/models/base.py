@@ -44,7 +44,8 @@ J = TypeVar("J", bound=AnyJob)
 class ModelRunner(ABC, Generic[J]):
     """One loaded model. ``prepare`` runs in worker threads; ``run_batch`` in the model thread."""
 
-    kind: str
+    kinds: tuple[str, ...]
+    """The job kinds this runner serves."""
 
     def __init__(self, spec: ModelSpec, placement: Placement) -> None:
         self.spec = spec
@@ -113,19 +114,19 @@ def load_runner(spec: ModelSpec, placement: Placement, *, warmup: bool) -> Model
         "vqa": VqaRunner,
         "match": MatchRunner,
     }
-    if spec.kind not in families:
-        raise ValueError(f"model {spec.name!r}: no model family serves kind {spec.kind!r}")
-    runner = families[spec.kind](spec, placement)
+    if spec.family not in families:
+        raise ValueError(f"model {spec.name!r}: family {spec.family!r} is not available")
+    runner = families[spec.family](spec, placement)
     started = time.perf_counter()
     runner.load()
     loaded = time.perf_counter() - started
     if warmup:
         runner.warmup()
     log.info(
-        "loaded model %s (%s, kind %s) from %s on %s as %s in %.2fs (warm-up %.2fs)",
+        "loaded model %s (%s, serves %s) from %s on %s as %s in %.2fs (warm-up %.2fs)",
         spec.name,
         type(runner).__name__,
-        spec.kind,
+        "/".join(spec.kinds),
         spec.source,
         placement.device,
         str(placement.dtype).removeprefix("torch."),

@@ -27,7 +27,7 @@ class Generated:
 
 
 class CaptionRunner(ModelRunner[CaptionJob]):
-    kind = "caption"
+    kinds = ("caption",)
 
     def load(self) -> None:
         from transformers import BlipForConditionalGeneration

@@ -31,7 +31,7 @@ class Matched:
 
 
 class MatchRunner(ModelRunner[MatchJob]):
-    kind = "match"
+    kinds = ("match",)
 
     def load(self) -> None:
         from transformers import BlipForImageTextRetrieval

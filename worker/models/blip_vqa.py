@@ -26,7 +26,7 @@ class Answered:
 
 
 class VqaRunner(ModelRunner[VqaJob]):
-    kind = "vqa"
+    kinds = ("vqa",)
 
     def load(self) -> None:
         from transformers import BlipForQuestionAnswering
