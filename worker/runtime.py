@@ -67,6 +67,8 @@ class Runtime:
             spec.name: load_runner(spec, placement, warmup=settings.warmup)
             for spec in settings.served()
         }
+        for runner in runners.values():
+            runner.bind(runners, settings)
         runtime = cls(
             settings,
             runners,

@@ -76,6 +76,10 @@ class Settings(ClientSettings):
         default="auto", description="auto = float16 on CUDA, float32 on CPU."
     )
     warmup: bool = Field(default=True, description="Run one dummy batch per model at start.")
+    caption_scorer: str = Field(
+        default="itm-base",
+        description="ITM model that ranks best-of-k caption candidates (must be served).",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch (default: all cores)."
     )

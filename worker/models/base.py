@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -50,6 +50,13 @@ class ModelRunner(ABC, Generic[J]):
     def __init__(self, spec: ModelSpec, placement: Placement) -> None:
         self.spec = spec
         self.placement = placement
+        self.peers: Mapping[str, ModelRunner[Any]] = {}
+        self.settings: Settings | None = None
+
+    def bind(self, peers: Mapping[str, ModelRunner[Any]], settings: Settings) -> None:
+        """Called once all models are loaded: a runner may use another (e.g. an ITM scorer)."""
+        self.peers = peers
+        self.settings = settings
 
     @property
     def name(self) -> str:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from producer.jobs import CaptionJob, CaptionOutput
+from worker import capfilt
 from worker.models.base import ModelRunner, load_blip_processor, pixel_values, stack_pixels
 
 
@@ -18,6 +19,7 @@ from worker.models.base import ModelRunner, load_blip_processor, pixel_values, s
 class CaptionItem:
     pixel_values: torch.Tensor  # (3, H, W), float32, CPU
     job: CaptionJob
+    scorer_pixels: torch.Tensor | None = None  # for best-of-k: the ITM model's own preprocessing
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +46,29 @@ class CaptionRunner(ModelRunner[CaptionJob]):
         job = item.job
         # BLIP's generate drops the last prompt column, so padded prompts of different lengths
         # would decode differently than alone: only identical prompts share a batch.
-        return (self.name, job.prompt, job.max_new_tokens, job.min_new_tokens, job.num_beams)
+        return (
+            self.name,
+            job.prompt,
+            job.max_new_tokens,
+            job.min_new_tokens,
+            job.num_beams,
+            job.candidates,
+            self._scorer_name(job) if job.candidates else None,
+        )
+
+    def _scorer_name(self, job: CaptionJob) -> str:
+        default = self.settings.caption_scorer if self.settings else "itm-base"
+        return job.scorer or default
 
     def prepare(self, job: CaptionJob, image: Image.Image) -> CaptionItem:
         pixels = pixel_values(self.image_processor, image)
         if job.prompt is not None:
             self._encode_prompt(job.prompt)
-        return CaptionItem(pixel_values=pixels, job=job)
+        scorer_pixels = None
+        if job.candidates:
+            scorer = capfilt.resolve_scorer(self.peers, self._scorer_name(job))
+            scorer_pixels = pixel_values(scorer.image_processor, image)
+        return CaptionItem(pixel_values=pixels, job=job, scorer_pixels=scorer_pixels)
 
     def _encode_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
         with self._prompts_lock:
@@ -83,17 +101,39 @@ class CaptionRunner(ModelRunner[CaptionJob]):
             num_beams=job.num_beams,
             do_sample=False,
         )
-        out = out.cpu()
-        results = []
-        for row in out:
-            ids = row.tolist()
-            caption = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            continuation = self.tokenizer.decode(ids[prompt_len:], skip_special_tokens=True)
-            output = CaptionOutput(
-                caption=caption, continuation=continuation.strip(), prompt=job.prompt
-            )
-            results.append(Generated(output=output, token_ids=_strip_pad(ids, self._pad_id)))
+        results = [self._decode(row.tolist(), prompt_len, job) for row in out.cpu()]
+        if job.candidates:
+            results = self._best_of_k(items, inputs, results, prompt_len)
         return results
+
+    def _decode(self, ids: list[int], prompt_len: int, job: CaptionJob) -> Generated:
+        caption = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        continuation = self.tokenizer.decode(ids[prompt_len:], skip_special_tokens=True).strip()
+        output = CaptionOutput(caption=caption, continuation=continuation, prompt=job.prompt)
+        return Generated(output=output, token_ids=_strip_pad(ids, self._pad_id))
+
+    def _best_of_k(
+        self,
+        items: list[CaptionItem],
+        inputs: dict[str, Any],
+        beams: list[Generated],
+        prompt_len: int,
+    ) -> list[Generated]:
+        job = items[0].job
+        scorer = capfilt.resolve_scorer(self.peers, self._scorer_name(job))
+        sampled = capfilt.sample(self.model, inputs, job, job.candidates)
+        texts = [self._decode(row.tolist(), prompt_len, job).output.caption for row in sampled]
+        k = job.candidates
+        ranked = capfilt.rank(
+            scorer,
+            [item.scorer_pixels for item in items],  # type: ignore[misc]
+            [beam.output.caption for beam in beams],
+            [texts[i * k : (i + 1) * k] for i in range(len(items))],
+        )
+        return [
+            Generated(beam.output.model_copy(update={"candidates": r}), beam.token_ids)
+            for beam, r in zip(beams, ranked, strict=True)
+        ]
 
     @property
     def _pad_id(self) -> int:
