@@ -14,6 +14,15 @@ RESULTS_STREAM = "blipq:results"
 RESULTS_STREAM_MAXLEN = 100_000
 """Approximate cap on the results stream (``XADD MAXLEN ~``): old entries are trimmed."""
 
+PUBLISHED_KEY = "blipq:published:{job_id}"
+"""Set when a job's event is on the results stream, so a redelivered job is not announced twice."""
+
+DELIVERIES_KEY = "blipq:deliveries:{job_id}"
+"""Counts starts of a job that have not finished; too many means the job kills workers."""
+
+DEAD_LETTER = "blipq:dead"
+"""List of JSON records (job id, payload, reason) of poison jobs, newest first."""
+
 RESULT_EXPIRES_S = 86_400
 """Seconds a result stays in the result backend."""
 

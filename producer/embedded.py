@@ -135,13 +135,13 @@ class EmbeddedS3:
         config.write_text(json.dumps({"identities": [identity]}))
         ports = {name: _free_pair() for name in ("master", "volume", "filer", "admin")}
         args = [
-            weed, "mini",
+            weed, f"-logdir={self.dir}", "mini",
             f"-dir={self.dir / 'data'}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={config}",
-            "-webdav=false", "-admin.ui=false", f"-logdir={self.dir}",
+            "-webdav=false", "-admin.ui=false",
             f"-debug.port={free_port()}",
         ]  # fmt: skip
         for name, (http, grpc) in ports.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -56,6 +57,10 @@ class ErrorCode(StrEnum):
     """The object store could not be reached; retried before it is reported."""
     TIMEOUT = "timeout"
     """The job did not finish within its time limit."""
+    EXPIRED = "expired"
+    """The job's deadline (``deadline`` or ``ttl_s``) passed before a worker ran it."""
+    POISON = "poison"
+    """The job was delivered too often without finishing (it kills workers); dead-lettered."""
     INTERNAL = "internal"
     """A bug in blipq: the message says where."""
 
@@ -104,12 +109,31 @@ class _Job(BaseModel):
 
     image: str
     model: str = Field(min_length=1, max_length=100)
+    deadline: datetime | None = Field(
+        default=None, description="Do not run after this moment (timezone-aware)."
+    )
+    ttl_s: float | None = Field(
+        default=None, gt=0, le=30 * 86_400, description="Do not run this long after submission."
+    )
 
     @field_validator("image")
     @classmethod
     def _check_image(cls, value: str) -> str:
         parse_image_uri(value)
         return value
+
+    @field_validator("deadline")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("deadline must be timezone-aware (e.g. datetime.now(UTC) + ...)")
+        return value
+
+    def expired(self, now: float, submitted_at: float | None) -> bool:
+        """Whether the job's deadline has passed (``now`` and ``submitted_at``: Unix time)."""
+        if self.deadline is not None and now > self.deadline.timestamp():
+            return True
+        return bool(self.ttl_s and submitted_at and now > submitted_at + self.ttl_s)
 
     @property
     def image_ref(self) -> ImageRef:

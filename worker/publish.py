@@ -1,32 +1,83 @@
-"""Results and events to Redis: one stream entry per finished job, for web backends to follow."""
+"""Results and events to Redis: one stream entry per finished job, for web backends to follow.
+
+Also the delivery bookkeeping that keeps a job from being announced twice or from killing
+workers forever: a start counter per job and a dead-letter list.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
+import time
 from typing import Any
 
 import redis
 
-from producer.constants import RESULTS_STREAM
+from producer.constants import DEAD_LETTER, DELIVERIES_KEY, PUBLISHED_KEY, RESULTS_STREAM
 
-log = logging.getLogger(__name__)
+# Atomic: announce a job on the stream only the first time it finishes (a redelivered job that
+# finishes again stores the same result but adds no second event).
+_PUBLISH_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
+                    'job_id', ARGV[3], 'kind', ARGV[4], 'status', ARGV[5], 'result', ARGV[6])
+end
+return false
+"""
 
 
 class Publisher:
-    """Appends finished results to the capped results stream."""
+    """Appends finished results to the capped results stream, once per job."""
 
-    def __init__(self, client: redis.Redis, *, maxlen: int, stream: str = RESULTS_STREAM) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        maxlen: int,
+        expires_s: int,
+        stream: str = RESULTS_STREAM,
+    ) -> None:
         self._redis = client
         self._maxlen = maxlen
+        self._expires_s = expires_s
         self.stream = stream
+        self._publish_once = client.register_script(_PUBLISH_ONCE)
 
-    def publish(self, result: dict[str, Any]) -> None:
-        """Append one event; the result itself is already in the result backend."""
-        fields = {
-            "job_id": str(result.get("job_id", "")),
-            "kind": str(result.get("kind", "")),
-            "status": str(result.get("status", "")),
-            "result": json.dumps(result, separators=(",", ":")),
-        }
-        self._redis.xadd(self.stream, fields, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
+    def publish(self, result: dict[str, Any]) -> bool:
+        """Append one event unless this job was already announced; True if appended."""
+        job_id = str(result.get("job_id", ""))
+        added = self._publish_once(
+            keys=[PUBLISHED_KEY.format(job_id=job_id), self.stream],
+            args=[
+                self._expires_s,
+                self._maxlen,
+                job_id,
+                str(result.get("kind", "")),
+                str(result.get("status", "")),
+                json.dumps(result, separators=(",", ":")),
+            ],
+        )
+        return bool(added)
+
+
+class DeliveryGuard:
+    """Counts unfinished starts of each job; moves poison jobs to the dead-letter list."""
+
+    def __init__(self, client: redis.Redis, *, expires_s: int) -> None:
+        self._redis = client
+        self._expires_s = expires_s
+
+    def started(self, job_id: str) -> int:
+        """Record a start; return how many starts have not finished (1 on a first delivery)."""
+        key = DELIVERIES_KEY.format(job_id=job_id)
+        pipe = self._redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, self._expires_s)
+        count, _ = pipe.execute()
+        return int(count)
+
+    def finished(self, job_id: str) -> None:
+        self._redis.delete(DELIVERIES_KEY.format(job_id=job_id))
+
+    def dead_letter(self, job_id: str, payload: object, reason: str) -> None:
+        record = {"job_id": job_id, "payload": payload, "reason": reason, "at": time.time()}
+        self._redis.lpush(DEAD_LETTER, json.dumps(record, default=str))

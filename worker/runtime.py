@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Hashable, Sequence
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from producer.jobs import ErrorCode, JobResult, Timings, decode_job
 from worker import images
 from worker.batcher import Batcher, BatchPolicy
 from worker.models import ModelRunner, Placement, load_runner
-from worker.publish import Publisher
+from worker.publish import DeliveryGuard, Publisher
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -53,7 +54,9 @@ class Runtime:
         self.settings = settings
         self.runners = runners
         self.s3 = s3
-        self.publisher = Publisher(redis_client, maxlen=settings.stream_maxlen)
+        expires = settings.result_expires_s
+        self.publisher = Publisher(redis_client, maxlen=settings.stream_maxlen, expires_s=expires)
+        self.deliveries = DeliveryGuard(redis_client, expires_s=expires)
         self.limits = images.Limits(settings.max_image_bytes, settings.max_image_pixels)
         self.batcher = Batcher(self._run_batch, self._policy)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
@@ -91,7 +94,7 @@ class Runtime:
         model = payload.get("model") if isinstance(payload, dict) else None
         extra: dict[str, Any] = {"model": model, "worker": self.worker_name}
         try:
-            result = self._run(job_id, payload, started, queue_wait_ms)
+            result = self._run(job_id, payload, started, submitted_at)
         except Retryable:
             raise
         except JobFailure as exc:
@@ -107,8 +110,14 @@ class Runtime:
             result = result.model_copy(update={"timings": timings})
         return result
 
-    def _run(self, job_id: str, payload: object, started: float, queue_wait_ms: float) -> JobResult:
+    def _run(
+        self, job_id: str, payload: object, started: float, submitted_at: float | None
+    ) -> JobResult:
         job = decode_job(payload)
+        if job.expired(time.time(), submitted_at):
+            raise JobFailure(
+                "the job's deadline passed before it could run", code=ErrorCode.EXPIRED
+            )
         runner = self.runners.get(job.model)
         if runner is None or job.kind not in runner.kinds:
             raise JobFailure(
@@ -116,12 +125,19 @@ class Runtime:
                 f"served: {sorted(self.runners)}",
                 code=ErrorCode.UNKNOWN_MODEL,
             )
+        queue_wait_ms = max(0.0, (time.time() - submitted_at) * 1000) if submitted_at else 0.0
         data = images.fetch(self.s3, job.image_ref, self.limits, self.settings.s3_allowed_buckets)
         image = images.decode(data, self.limits)
         item = runner.prepare(job, image)
         fetched = time.perf_counter()
         future = self.batcher.submit((runner.name, runner.group_key(item)), item)
-        done: _Done = future.result(timeout=self.settings.task_time_limit_s)
+        try:
+            done: _Done = future.result(timeout=self.settings.task_time_limit_s)
+        except FuturesTimeout as exc:
+            future.cancel()
+            raise JobFailure(
+                f"no model output within {self.settings.task_time_limit_s}s", code=ErrorCode.TIMEOUT
+            ) from exc
         total_ms = (time.perf_counter() - started) * 1000
         return JobResult(
             job_id=job_id,

@@ -128,6 +128,12 @@ class Settings(ClientSettings):
     )
     task_time_limit_s: float = Field(default=600.0, gt=0, description="Hard limit per job.")
     stream_maxlen: int = Field(default=100_000, ge=100, description="Results stream cap.")
+    max_deliveries: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Starts without finishing before a job is declared poison and dead-lettered.",
+    )
 
     @field_validator("serve", "s3_allowed_buckets", mode="before")
     @classmethod

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
+from celery import Task, states
 
-from producer.constants import TASK_RUN_JOB
+from producer.constants import DEAD_LETTER, TASK_RUN_JOB
 from producer.errors import Retryable
 from producer.jobs import ErrorCode, JobResult, encode_result
 from worker.app import app
-from worker.runtime import get_runtime
+from worker.runtime import Runtime, get_runtime
 
 # Seconds before retry n of a transient failure (capped exponential backoff).
 _BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
@@ -29,19 +29,46 @@ class JobTask(Task):  # type: ignore[type-arg]
 def run_job(self: JobTask, job: Any = None, submitted_at: float | None = None) -> dict[str, Any]:
     runtime = get_runtime()
     job_id = str(self.request.id)
+    starts = runtime.deliveries.started(job_id)
+    if starts > 1:
+        # A redelivery: the last start did not finish (worker killed, or lost its connection).
+        stored = self.backend.get_task_meta(job_id)
+        if stored.get("status") == states.SUCCESS:
+            runtime.deliveries.finished(job_id)
+            return dict(stored["result"])
+        if starts > runtime.settings.max_deliveries:
+            return _poison(runtime, job_id, job, starts)
     try:
         result = runtime.handle(job_id, job, submitted_at)
     except Retryable as exc:
         attempt = self.request.retries
         if attempt + 1 < runtime.settings.s3_max_attempts:
+            runtime.deliveries.finished(job_id)
             countdown = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
             raise self.retry(exc=exc, countdown=countdown) from exc
-        kind = job.get("kind", "unknown") if isinstance(job, dict) else "unknown"
         result = JobResult.failure(
             job_id,
-            str(kind),
+            _kind(job),
             ErrorCode.STORAGE_UNAVAILABLE,
             f"{exc.message} (gave up after {attempt + 1} attempts)",
             worker=runtime.worker_name,
         )
+    runtime.deliveries.finished(job_id)
     return encode_result(result)
+
+
+def _poison(runtime: Runtime, job_id: str, job: Any, starts: int) -> dict[str, Any]:
+    reason = (
+        f"started {starts - 1} times without finishing (it kills or stalls workers); "
+        f"not run again, payload moved to the {DEAD_LETTER} list"
+    )
+    runtime.deliveries.dead_letter(job_id, job, reason)
+    runtime.deliveries.finished(job_id)
+    result = JobResult.failure(
+        job_id, _kind(job), ErrorCode.POISON, reason, worker=runtime.worker_name
+    )
+    return encode_result(result)
+
+
+def _kind(job: Any) -> str:
+    return str(job.get("kind", "unknown")) if isinstance(job, dict) else "unknown"

@@ -1,0 +1,80 @@
+"""Delivery guarantees through a real worker: deadlines, one event per job, poison jobs."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import redis
+
+from producer import CaptionJob, Client, ErrorCode
+from producer.constants import DEAD_LETTER, DELIVERIES_KEY, RESULTS_STREAM
+from producer.embedded import WorkerProcess
+from tests.fixtures.images import sample_jpegs
+
+
+def test_expired_jobs_are_not_run(
+    caption_worker: WorkerProcess,
+    client: Client,
+    s3,  # type: ignore[no-untyped-def]
+) -> None:
+    s3.create_bucket(Bucket="deadlines")
+    s3.put_object(Bucket="deadlines", Key="a.jpg", Body=sample_jpegs(1, seed=8)[0])
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    jobs = [
+        CaptionJob(image="s3://deadlines/a.jpg", model="tiny-caption", deadline=past),
+        CaptionJob(image="s3://deadlines/a.jpg", model="tiny-caption", ttl_s=3600),
+        CaptionJob(
+            image="s3://deadlines/a.jpg",
+            model="tiny-caption",
+            deadline=datetime.now(UTC) + timedelta(hours=1),
+        ),
+    ]
+    expired, fresh, later = (client.result(i, timeout=60) for i in client.submit_many(jobs))
+    assert expired.error is not None and expired.error.code is ErrorCode.EXPIRED
+    assert fresh.ok and later.ok
+
+
+def test_a_job_is_announced_once_even_if_it_finishes_twice(
+    caption_worker: WorkerProcess,
+    client: Client,
+    redis_client: redis.Redis,
+    s3,  # type: ignore[no-untyped-def]
+) -> None:
+    s3.create_bucket(Bucket="twice")
+    s3.put_object(Bucket="twice", Key="a.jpg", Body=sample_jpegs(1, seed=9)[0])
+    job = CaptionJob(image="s3://twice/a.jpg", model="tiny-caption")
+    job_id = client.submit(job)
+    first = client.result(job_id, timeout=60)
+    # The same message again (as a redelivery after a crash would bring it): same id.
+    client.submit(job, job_id=job_id)
+    import time
+
+    deadline = time.monotonic() + 30
+    while redis_client.exists(DELIVERIES_KEY.format(job_id=job_id)) or redis_client.llen(
+        "blipq.caption"
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert client.result(job_id, timeout=5) == first
+    events = [f for _, f in redis_client.xrange(RESULTS_STREAM) if f[b"job_id"].decode() == job_id]
+    assert len(events) == 1
+
+
+def test_poison_job_is_dead_lettered_after_bounded_deliveries(
+    caption_worker: WorkerProcess, client: Client, redis_client: redis.Redis
+) -> None:
+    # Simulate the history of a job that killed its worker three times: three unfinished starts.
+    job = CaptionJob(image="s3://poison/a.jpg", model="tiny-caption")
+    job_id = "poison-job-1"
+    redis_client.set(DELIVERIES_KEY.format(job_id=job_id), 3)
+    client.submit(job, job_id=job_id)
+    result = client.result(job_id, timeout=60)
+    assert result.error is not None and result.error.code is ErrorCode.POISON
+    assert "blipq:dead" in result.error.message
+    records = [json.loads(r) for r in redis_client.lrange(DEAD_LETTER, 0, -1)]
+    assert [r["payload"]["image"] for r in records if r["job_id"] == job_id] == [
+        "s3://poison/a.jpg"
+    ]
+    assert not redis_client.exists(DELIVERIES_KEY.format(job_id=job_id))
