@@ -21,8 +21,11 @@ class JobTask(Task):  # type: ignore[type-arg]
     reject_on_worker_lost = True
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        # Runs after the result is stored and before the message is acked.
-        get_runtime().publisher.publish(retval)
+        # Runs after the result is stored and before the message is acked: from here on, a
+        # redelivery finds the stored result (or, once acked, there is no redelivery).
+        runtime = get_runtime()
+        runtime.publisher.publish(retval)
+        runtime.deliveries.finished(task_id)
 
 
 @app.task(base=JobTask, bind=True, name=TASK_RUN_JOB, max_retries=None)  # type: ignore[untyped-decorator]
@@ -34,7 +37,6 @@ def run_job(self: JobTask, job: Any = None, submitted_at: float | None = None) -
         # A redelivery: the last start did not finish (worker killed, or lost its connection).
         stored = self.backend.get_task_meta(job_id)
         if stored.get("status") == states.SUCCESS:
-            runtime.deliveries.finished(job_id)
             return dict(stored["result"])
         if starts > runtime.settings.max_deliveries:
             return _poison(runtime, job_id, job, starts)
@@ -53,7 +55,6 @@ def run_job(self: JobTask, job: Any = None, submitted_at: float | None = None) -
             f"{exc.message} (gave up after {attempt + 1} attempts)",
             worker=runtime.worker_name,
         )
-    runtime.deliveries.finished(job_id)
     return encode_result(result)
 
 
@@ -63,7 +64,6 @@ def _poison(runtime: Runtime, job_id: str, job: Any, starts: int) -> dict[str, A
         f"not run again, payload moved to the {DEAD_LETTER} list"
     )
     runtime.deliveries.dead_letter(job_id, job, reason)
-    runtime.deliveries.finished(job_id)
     result = JobResult.failure(
         job_id, _kind(job), ErrorCode.POISON, reason, worker=runtime.worker_name
     )

@@ -77,4 +77,16 @@ def test_poison_job_is_dead_lettered_after_bounded_deliveries(
     assert [r["payload"]["image"] for r in records if r["job_id"] == job_id] == [
         "s3://poison/a.jpg"
     ]
-    assert not redis_client.exists(DELIVERIES_KEY.format(job_id=job_id))
+    # The start counter is cleared right after the result is stored (bounded wait, no sleep-and-hope).
+    assert eventually(lambda: not redis_client.exists(DELIVERIES_KEY.format(job_id=job_id)))
+
+
+def eventually(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
