@@ -77,7 +77,7 @@ def test_poison_job_is_dead_lettered_after_bounded_deliveries(
     assert [r["payload"]["image"] for r in records if r["job_id"] == job_id] == [
         "s3://poison/a.jpg"
     ]
-    # The start counter is cleared right after the result is stored (bounded wait, no sleep-and-hope).
+    # The start counter is cleared right after the result is stored (a bounded wait).
     assert eventually(lambda: not redis_client.exists(DELIVERIES_KEY.format(job_id=job_id)))
 
 
