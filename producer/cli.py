@@ -61,6 +61,20 @@ def _wait_and_print(client: Client, job_id: str, timeout: float) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_queues(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        depths = client.queue_depths()
+        active = client.worker_activity(timeout=args.timeout)
+    print(f"{'queue':<20} {'waiting':>8}")
+    for queue, depth in depths.items():
+        print(f"{queue:<20} {depth:>8}")
+    if not active:
+        print("\nno worker answered")
+    for worker, (reserved, running) in sorted(active.items()):
+        print(f"\n{worker}: {running} active, {reserved} reserved")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from producer.demo import run_demo
 
@@ -95,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("job_id")
     res.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it")
     res.set_defaults(func=cmd_result)
+
+    queues = sub.add_parser(
+        "queues",
+        help="queue depths and worker activity",
+        description="Show queue depths "
+        "(priority sub-queues summed) and each worker's active and reserved jobs.",
+    )
+    queues.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for workers")
+    queues.set_defaults(func=cmd_queues)
 
     demo = sub.add_parser(
         "demo",

@@ -13,11 +13,14 @@ from celery import states
 from producer.config import ClientSettings
 from producer.constants import TASK_RUN_JOB, queue_for
 from producer.errors import ResultTimeout
-from producer.jobs import AnyJob, ErrorCode, JobResult, decode_result, encode_job
+from producer.jobs import JOB_KINDS, AnyJob, ErrorCode, JobResult, decode_result, encode_job
+from producer.stream import StreamEvent, follow
 from producer.transport import make_app
 
 # How many result keys one results() call subscribes to at a time.
 _SUBSCRIBE_CHUNK = 1000
+# kombu's Redis transport keeps priorities 3, 6, 9 in sub-queues named queue + sep + step.
+_PRIORITY_SEP = "\x06\x16"
 
 
 class Client:
@@ -139,6 +142,52 @@ class Client:
         return JobResult.failure(
             job_id, "unknown", ErrorCode.INTERNAL, f"task {meta.get('status')}: {message}"
         )
+
+    def stream(
+        self,
+        *,
+        group: str,
+        consumer: str,
+        from_start: bool = False,
+        block_ms: int = 1000,
+        idle_stop: bool = False,
+    ) -> Iterator[StreamEvent]:
+        """Follow finished jobs on the results stream as one consumer of a consumer group.
+
+        At-least-once and resumable: an event is acknowledged when the next one is requested,
+        and a restarted consumer first gets back the events it had not finished.
+        """
+        return follow(
+            self._redis,
+            group=group,
+            consumer=consumer,
+            from_start=from_start,
+            block_ms=block_ms,
+            idle_stop=idle_stop,
+        )
+
+    def queue_depths(self) -> dict[str, int]:
+        """Messages waiting in each blipq queue (Redis broker; priority sub-queues summed)."""
+        broker = redis.Redis.from_url(self.settings.effective_broker_url)
+        try:
+            depths = {}
+            for kind in JOB_KINDS:
+                queue = queue_for(kind)
+                names = [queue] + [f"{queue}{_PRIORITY_SEP}{step}" for step in (3, 6, 9)]
+                depths[queue] = sum(int(broker.llen(name)) for name in names)
+            return depths
+        finally:
+            broker.close()
+
+    def worker_activity(self, timeout: float = 1.0) -> dict[str, tuple[int, int]]:
+        """Per worker: (reserved, active) job counts, from Celery's remote control."""
+        inspect = self._app.control.inspect(timeout=timeout)
+        reserved = inspect.reserved() or {}
+        active = inspect.active() or {}
+        return {
+            name: (len(reserved.get(name) or []), len(active.get(name) or []))
+            for name in set(reserved) | set(active)
+        }
 
     def close(self) -> None:
         self._redis.close()

@@ -1,0 +1,72 @@
+"""Web backends follow results with a consumer group: at-least-once and resumable."""
+
+from __future__ import annotations
+
+from producer import CaptionJob, Client
+from producer.embedded import WorkerProcess
+from tests.fixtures.images import sample_jpegs
+
+
+def test_stream_consumer_group_is_resumable(
+    caption_worker: WorkerProcess,
+    client: Client,
+    s3,  # type: ignore[no-untyped-def]
+) -> None:
+    s3.create_bucket(Bucket="stream")
+    s3.put_object(Bucket="stream", Key="a.jpg", Body=sample_jpegs(1, seed=71)[0])
+    ids = client.submit_many(
+        [CaptionJob(image="s3://stream/a.jpg", model="tiny-caption") for _ in range(6)]
+    )
+    list(client.results(ids, timeout=120))
+
+    # The consumer takes two events, then "crashes" while handling the second.
+    first = client.stream(group="web", consumer="pod-1", from_start=True, idle_stop=True)
+    one, two = next(first), next(first)
+    first.close()  # type: ignore[attr-defined]
+
+    # On restart, the unfinished event comes back first, then the ones never handed out.
+    again = list(client.stream(group="web", consumer="pod-1", idle_stop=True))
+    assert again[0].id == two.id
+    handled = [one.result.job_id] + [e.result.job_id for e in again]
+    assert sorted(j for j in handled if j in ids) == sorted(ids)
+    # Everything is acknowledged now: a third start gets nothing.
+    assert list(client.stream(group="web", consumer="pod-1", idle_stop=True)) == []
+    # A second consumer group sees everything independently.
+    other = [
+        e.result.job_id
+        for e in client.stream(group="audit", consumer="a", from_start=True, idle_stop=True)
+        if e.result.job_id in ids
+    ]
+    assert sorted(other) == sorted(ids)
+
+
+def test_queue_depths_and_worker_activity(caption_worker: WorkerProcess) -> None:
+    from producer.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis().start()  # no worker consumes here: depths are exact
+    try:
+        with Client(redis_url=server.url) as own:
+            own.submit_many([CaptionJob(image="s3://bkt/a.jpg", model="m") for _ in range(5)])
+            depths = own.queue_depths()
+            assert depths["blipq.caption"] == 5
+            assert depths["blipq.vqa"] == 0
+            assert own.worker_activity(timeout=0.5) == {}
+    finally:
+        server.close()
+
+
+def test_cli_queues_sees_the_worker(caption_worker: WorkerProcess, client: Client) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BLIPQ_REDIS_URL": client.settings.redis_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "queues", "--timeout", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "blipq.caption" in done.stdout
+    assert caption_worker.name.split("@")[0] in done.stdout
