@@ -24,6 +24,12 @@ DEFAULT_MODELS: dict[str, str] = {
 # The shapes-world fixture models shipped in a checkout of the repository (a test instrument).
 FIXTURE_MODELS_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "models"
 
+# Moderation policies: the shipped default, plus the fixture policies of a checkout.
+DEFAULT_POLICIES: dict[str, str] = {
+    "default": str(Path(__file__).resolve().parent / "policies" / "default.yaml"),
+}
+FIXTURE_POLICIES_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "policies"
+
 # The model family of a checkpoint, from the `architectures` entry of its config.json.
 ARCHITECTURE_FAMILIES: dict[str, str] = {
     "BlipForConditionalGeneration": "caption",
@@ -36,7 +42,7 @@ ARCHITECTURE_FAMILIES: dict[str, str] = {
 FAMILY_KINDS: dict[str, tuple[str, ...]] = {
     "caption": ("caption",),
     "vqa": ("vqa",),
-    "match": ("match",),
+    "match": ("match", "moderate"),
     "blip2": ("caption", "vqa"),
 }
 
@@ -79,6 +85,11 @@ class Settings(ClientSettings):
     caption_scorer: str = Field(
         default="itm-base",
         description="ITM model that ranks best-of-k caption candidates (must be served).",
+    )
+    policies: dict[str, str] = Field(
+        default_factory=dict,
+        description='Extra or overriding moderation policies, JSON: {"name": "/path/policy.yaml"}; '
+        "added to the shipped default policy. Every policy is validated at start.",
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch (default: all cores)."
@@ -171,6 +182,10 @@ class Settings(ClientSettings):
         }
         return {name: _spec(name, entry) for name, entry in raw.items()}
 
+    def policy_map(self) -> dict[str, str]:
+        """Every moderation policy a job may name -> its YAML file, ``BLIPQ_POLICIES`` on top."""
+        return {**DEFAULT_POLICIES, **_fixture_policies(), **self.policies}
+
     def served(self) -> list[ModelSpec]:
         specs = self.model_map()
         return [specs[name] for name in self.serve]
@@ -187,6 +202,12 @@ def _fixture_models() -> dict[str, str | dict[str, object]]:
         for path in sorted(FIXTURE_MODELS_DIR.iterdir())
         if (path / "config.json").is_file()
     }
+
+
+def _fixture_policies() -> dict[str, str]:
+    if not FIXTURE_POLICIES_DIR.is_dir():
+        return {}
+    return {path.stem: str(path) for path in sorted(FIXTURE_POLICIES_DIR.glob("*.yaml"))}
 
 
 def _spec(name: str, entry: str | dict[str, object]) -> ModelSpec:

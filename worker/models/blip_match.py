@@ -3,19 +3,40 @@
 The image is encoded once per item, however many texts it is matched against; all texts of a
 batch run through the text encoder together (self-attention masks padding correctly; the image
 side is never padded, so the cross-attention mask BLIP ignores does not matter here).
+
+The same model serves moderation jobs (``worker.moderation``): a policy's prompts are
+text-encoded once and cached here; each image is encoded once, shortlisted by ITC and re-ranked
+by ITM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 from torch.nn.functional import normalize
 
-from producer.jobs import MatchJob, MatchOutput, MatchScore
-from worker.models.base import ModelRunner, load_blip_processor, pixel_values, stack_pixels
+from producer.errors import JobFailure
+from producer.jobs import (
+    ErrorCode,
+    MatchJob,
+    MatchOutput,
+    MatchScore,
+    ModerationJob,
+    ModerationOutput,
+)
+from worker import moderation
+from worker.models.base import (
+    ModelRunner,
+    Placement,
+    load_blip_processor,
+    pixel_values,
+    stack_pixels,
+)
+from worker.settings import ModelSpec, Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +51,25 @@ class Matched:
     output: MatchOutput
 
 
-class MatchRunner(ModelRunner[MatchJob]):
-    kinds = ("match",)
+@dataclass(frozen=True, slots=True)
+class ModerationItem:
+    pixel_values: torch.Tensor
+    policy: moderation.Policy
+    job: ModerationJob
+
+
+@dataclass(frozen=True, slots=True)
+class Moderated:
+    output: ModerationOutput
+
+
+class MatchRunner(ModelRunner[MatchJob | ModerationJob]):
+    kinds = ("match", "moderate")
+
+    def __init__(self, spec: ModelSpec, placement: Placement) -> None:
+        super().__init__(spec, placement)
+        self.policies: dict[str, moderation.Policy] = {}
+        self._prompt_banks: dict[str, moderation.PromptBank] = {}
 
     def load(self) -> None:
         from transformers import BlipForImageTextRetrieval
@@ -42,15 +80,79 @@ class MatchRunner(ModelRunner[MatchJob]):
             self.spec.source, dtype=self.placement.dtype
         )
         self.model = model.to(self.placement.device).eval()
+        self._prompt_banks = {}
 
-    def prepare(self, job: MatchJob, image: Image.Image) -> MatchItem:
+    def bind(self, peers: Mapping[str, ModelRunner[Any]], settings: Settings) -> None:
+        super().bind(peers, settings)
+        # At worker start: every configured policy is validated (a bad file stops the worker).
+        self.use_policies(moderation.load_policies(settings.policy_map()))
+
+    def use_policies(self, policies: Mapping[str, moderation.Policy]) -> None:
+        """Serve these policies; encode the prompts of those written for this model now."""
+        self.policies = dict(policies)
+        self._prompt_banks = {}
+        for policy in self.policies.values():
+            if policy.model == self.name:
+                self.prompt_bank(policy)
+
+    def prompt_bank(self, policy: moderation.Policy) -> moderation.PromptBank:
+        """The policy's prompt features, encoded on first use and cached (model thread)."""
+        bank = self._prompt_banks.get(policy.name)
+        if bank is None:
+            bank = moderation.encode_prompts(
+                self.model, self.tokenizer, policy.prompts, self.placement.device
+            )
+            self._prompt_banks[policy.name] = bank
+        return bank
+
+    def prepare(
+        self, job: MatchJob | ModerationJob, image: Image.Image
+    ) -> MatchItem | ModerationItem:
+        if isinstance(job, ModerationJob):
+            return ModerationItem(pixel_values(self.image_processor, image), self._policy(job), job)
         ids = [self.tokenizer(text)["input_ids"] for text in job.texts]
         return MatchItem(pixel_values(self.image_processor, image), ids, job)
 
-    def group_key(self, item: MatchItem) -> Hashable:
+    def _policy(self, job: ModerationJob) -> moderation.Policy:
+        policy = self.policies.get(job.policy)
+        if policy is None:
+            raise JobFailure(
+                f"unknown moderation policy {job.policy!r}; known policies: "
+                f"{sorted(self.policies)}",
+                code=ErrorCode.INVALID_JOB,
+            )
+        if policy.model != self.name:
+            raise JobFailure(
+                f"policy {policy.name!r} is written and calibrated for model {policy.model!r}, "
+                f"not {self.name!r}: submit it with model={policy.model!r}",
+                code=ErrorCode.INVALID_JOB,
+            )
+        return policy
+
+    def group_key(self, item: MatchItem | ModerationItem) -> Hashable:
+        if isinstance(item, ModerationItem):
+            return (self.name, "moderate", item.policy.name)
         return (self.name,)
 
-    def run_batch(self, items: list[MatchItem]) -> Sequence[Matched]:
+    def run_batch(self, items: Sequence[MatchItem | ModerationItem]) -> Sequence[Any]:
+        moderations = [item for item in items if isinstance(item, ModerationItem)]
+        matches = [item for item in items if isinstance(item, MatchItem)]
+        if moderations and matches:
+            raise ValueError("match and moderation items in one batch (their group keys differ)")
+        return self._moderate(moderations) if moderations else self._match(matches)
+
+    def _moderate(self, items: list[ModerationItem]) -> list[Moderated]:
+        policy = items[0].policy
+        if any(item.policy is not policy for item in items):
+            raise ValueError("moderation items of different policies in one batch")
+        with torch.inference_mode():
+            bank = self.prompt_bank(policy)
+            pixels = stack_pixels([item.pixel_values for item in items], self.placement)
+            image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
+            shortlists = moderation.shortlist_scores(self.model, bank, image_embeds, policy.k)
+        return [Moderated(moderation.moderate(policy, shortlist)) for shortlist in shortlists]
+
+    def _match(self, items: list[MatchItem]) -> list[Matched]:
         with torch.inference_mode():
             itm, itc = self._scores(items)
         results, start = [], 0
