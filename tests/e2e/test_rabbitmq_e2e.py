@@ -1,0 +1,77 @@
+"""RabbitMQ as the broker (Redis stays the result store), against a real RabbitMQ server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+from kombu import Connection
+
+from producer import CaptionJob, CaptionOutput, Client
+from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from tests.e2e.conftest import REPO, worker_env
+from tests.fixtures.images import sample_jpegs
+
+AMQP_URL = os.environ.get("BLIPQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _reachable(url: str) -> bool:
+    host_port = url.rsplit("@", maxsplit=1)[-1].split("/", maxsplit=1)[0]
+    host, _, port = host_port.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 5672)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    if not _reachable(AMQP_URL):
+        if os.environ.get("CI"):
+            pytest.fail(f"no RabbitMQ at {AMQP_URL}: CI must have one (rabbitmq-server -detached)")
+        pytest.skip(f"no RabbitMQ reachable at {AMQP_URL} (set BLIPQ_TEST_AMQP_URL)")
+    return AMQP_URL
+
+
+def test_caption_jobs_through_rabbitmq(
+    amqp_url: str,
+    s3_server: EmbeddedS3,
+    s3,  # type: ignore[no-untyped-def]
+    tiny_caption_dir: Path,
+) -> None:
+    redis_server = EmbeddedRedis().start()
+    with Connection(amqp_url) as conn:  # a clean queue: nothing left from an earlier run
+        if _exists(conn):
+            conn.default_channel.queue_purge("blipq.caption")
+    s3.create_bucket(Bucket="rabbit")
+    s3.put_object(Bucket="rabbit", Key="a.jpg", Body=sample_jpegs(1, seed=81)[0])
+    name = f"rabbit-{uuid.uuid4().hex[:6]}"
+    env = worker_env(redis_server, s3_server, {name: str(tiny_caption_dir)})
+    env["BLIPQ_BROKER_URL"] = amqp_url
+    worker = WorkerProcess(env, cwd=REPO).start()
+    try:
+        with Client(redis_url=redis_server.url, broker_url=amqp_url) as client:
+            jobs = [CaptionJob(image="s3://rabbit/a.jpg", model=name, max_new_tokens=8)] * 12
+            jobs.append(CaptionJob(image="s3://rabbit/missing.jpg", model=name))
+            ids = client.submit_many(jobs)
+            results = {r.job_id: r for r in client.results(ids, timeout=120)}
+        outputs = [results[i].output for i in ids[:-1]]
+        assert all(isinstance(o, CaptionOutput) for o in outputs)
+        assert len({o.caption for o in outputs if isinstance(o, CaptionOutput)}) == 1
+        assert results[ids[-1]].error is not None
+        assert results[ids[-1]].error.code == "not_found"
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
+        redis_server.close()
+
+
+def _exists(conn: Connection) -> bool:
+    try:
+        conn.default_channel.queue_declare("blipq.caption", passive=True)
+    except Exception:
+        return False
+    return True
