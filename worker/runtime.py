@@ -23,6 +23,7 @@ from producer.errors import InvalidJob, JobFailure, Retryable
 from producer.jobs import ErrorCode, JobResult, Timings, decode_job
 from worker import images
 from worker.batcher import Batcher, BatchPolicy
+from worker.metrics import Metrics
 from worker.models import ModelRunner, Placement, load_runner
 from worker.publish import DeliveryGuard, Publisher
 from worker.settings import Settings
@@ -59,6 +60,7 @@ class Runtime:
         self.deliveries = DeliveryGuard(redis_client, expires_s=expires)
         self.limits = images.Limits(settings.max_image_bytes, settings.max_image_pixels)
         self.batcher = Batcher(self._run_batch, self._policy)
+        self.metrics = Metrics()
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
 
     @classmethod
@@ -66,10 +68,11 @@ class Runtime:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         placement = Placement.from_settings(settings)
-        runners = {
-            spec.name: load_runner(spec, placement, warmup=settings.warmup)
-            for spec in settings.served()
-        }
+        runners, load_s = {}, {}
+        for spec in settings.served():
+            started = time.perf_counter()
+            runners[spec.name] = load_runner(spec, placement, warmup=settings.warmup)
+            load_s[spec.name] = time.perf_counter() - started
         for runner in runners.values():
             runner.bind(runners, settings)
         runtime = cls(
@@ -78,6 +81,10 @@ class Runtime:
             s3=images.make_s3_client(settings),
             redis_client=redis.Redis.from_url(settings.redis_url),
         )
+        for name, seconds in load_s.items():
+            runtime.metrics.model_load.labels(name).set(seconds)
+        if settings.metrics_port:
+            runtime.metrics.serve(settings.metrics_port, settings.metrics_addr)
         runtime.batcher.start()
         return runtime
 
@@ -108,6 +115,7 @@ class Runtime:
             total_ms = (time.perf_counter() - started) * 1000
             timings = Timings(queue_wait_ms=queue_wait_ms, total_ms=total_ms + queue_wait_ms)
             result = result.model_copy(update={"timings": timings})
+        self.metrics.observe(result)
         return result
 
     def _run(
@@ -168,6 +176,9 @@ class Runtime:
         started = time.perf_counter()
         outputs = runner.run_batch(items)
         elapsed_ms = (time.perf_counter() - started) * 1000
+        self.metrics.observe_batch(runner.name, len(items))
+        if runner.placement.device.type == "cuda":
+            self.metrics.update_gpu()
         return [_Done(output, len(items), elapsed_ms) for output in outputs]
 
 

@@ -139,6 +139,10 @@ class Settings(ClientSettings):
     )
     task_time_limit_s: float = Field(default=600.0, gt=0, description="Hard limit per job.")
     stream_maxlen: int = Field(default=100_000, ge=100, description="Results stream cap.")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Serve Prometheus metrics on this port."
+    )
+    metrics_addr: str = Field(default="0.0.0.0", description="Address the metrics server binds.")
     max_deliveries: int = Field(
         default=3,
         ge=1,

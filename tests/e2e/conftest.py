@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from producer import Client
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess, free_port
 from tests.fixtures.tiny import build_caption_model, build_match_model, build_vqa_model
 
 pytestmark = pytest.mark.e2e
@@ -106,6 +106,8 @@ def caption_worker(
         models,
         BLIPQ_MAX_BATCH_SIZE="8",
         BLIPQ_MAX_WAIT_MS="50",
+        BLIPQ_METRICS_PORT=str(free_port()),
+        BLIPQ_METRICS_ADDR="127.0.0.1",
     )
     worker = WorkerProcess(env, cwd=REPO).start()
     yield worker
