@@ -9,10 +9,11 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from producer import calibrate
 from producer.client import Client
 from producer.config import ClientSettings
 from producer.errors import ResultTimeout
-from producer.jobs import CaptionJob, JobResult
+from producer.jobs import CaptionJob, JobResult, ModerationJob
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -33,6 +34,20 @@ def cmd_caption(args: argparse.Namespace) -> int:
             min_new_tokens=args.min_new_tokens,
             num_beams=args.num_beams,
         )
+    except ValidationError as exc:
+        print(f"invalid job: {exc}", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        job_id = client.submit(job)
+        if not args.wait:
+            print(job_id)
+            return 0
+        return _wait_and_print(client, job_id, args.timeout)
+
+
+def cmd_moderate(args: argparse.Namespace) -> int:
+    try:
+        job = ModerationJob(image=args.image, model=args.model, policy=args.policy)
     except ValidationError as exc:
         print(f"invalid job: {exc}", file=sys.stderr)
         return 2
@@ -102,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--wait", action="store_true", help="wait for the result and print it")
     cap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (with --wait)")
     cap.set_defaults(func=cmd_caption)
+
+    mod = sub.add_parser(
+        "moderate",
+        help="moderate an image in S3 against a policy",
+        description="Submit a moderation job: per-category scores, flags and a decision.",
+    )
+    mod.add_argument("image", help="s3://bucket/key of the image")
+    mod.add_argument("--policy", default="default", help="policy name the worker serves")
+    mod.add_argument("--model", default="itm-base", help="ITM model the policy is written for")
+    mod.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    mod.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (with --wait)")
+    mod.set_defaults(func=cmd_moderate)
+    calibrate.add_command(sub, _client)
 
     res = sub.add_parser(
         "result", help="print the result of a job", description="Wait for a result."
