@@ -34,6 +34,7 @@ MAX_HISTORY_TURNS = 20
 MAX_CANDIDATES = 16
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
+_IP_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 
 
 class ErrorCode(StrEnum):
@@ -89,7 +90,9 @@ def parse_image_uri(uri: str) -> ImageRef:
         raise ValueError(f"image must be an s3://bucket/key URI, got {uri!r:.80}")
     parts = urlsplit(uri)
     bucket = parts.netloc
-    if not _BUCKET_RE.match(bucket):
+    if not _BUCKET_RE.match(bucket) or _IP_RE.match(bucket) or ".." in bucket:
+        # Also refuses addresses posing as buckets: the worker only ever talks to its own
+        # configured endpoint, and a job can never name a host.
         raise ValueError(f"invalid bucket name {bucket!r} in {uri!r:.80}")
     key = unquote(parts.path.lstrip("/"))
     if not key or key.endswith("/"):

@@ -31,6 +31,8 @@ def build_config() -> dict[str, Any]:
         # Threads: I/O concurrency for S3 fetches while one model thread batches across them;
         # the model lives in this one process, so no CUDA state crosses a fork.
         "worker_pool": "threads",
+        # Refused messages (not JSON, pickle) become invalid_job results, not silence.
+        "worker_consumer": "worker.consumer:BlipqConsumer",
         "worker_concurrency": settings.worker_concurrency,
         # One prefetched message per thread: enough for batches to fill, no hoarding.
         "worker_prefetch_multiplier": 1,

@@ -108,6 +108,7 @@ def caption_worker(
         BLIPQ_MAX_WAIT_MS="50",
         BLIPQ_METRICS_PORT=str(free_port()),
         BLIPQ_METRICS_ADDR="127.0.0.1",
+        BLIPQ_MAX_IMAGE_BYTES="3000000",
     )
     worker = WorkerProcess(env, cwd=REPO).start()
     yield worker
