@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint unit e2e clean
+.PHONY: install demo test lint unit quick e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -m "not e2e"
+
+# Everything but the slow fault-injection tests: the quick loop while developing.
+quick: $(STAMP)
+	$(BIN)/pytest -m "not slow"
 
 e2e: $(STAMP)
 	$(BIN)/pytest -m e2e

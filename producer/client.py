@@ -104,23 +104,40 @@ class Client:
         backend: Any = self._app.backend
         keys = {backend.get_key_for_task(job_id).decode(): job_id for job_id in job_ids}
         pending = dict(keys)
+        retry_s = 0.1
+        while pending:
+            try:
+                yield from self._wait_for(pending, deadline)
+            except redis.ConnectionError as exc:
+                # Redis restarted or the network blinked: resubscribe and re-read what is stored.
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ResultTimeout(
+                        f"{len(pending)} results pending; Redis unreachable"
+                    ) from exc
+                time.sleep(retry_s)
+                retry_s = min(retry_s * 2, 2.0)
+
+    def _wait_for(self, pending: dict[str, str], deadline: float | None) -> Iterator[JobResult]:
+        """Subscribe, read what is already stored, then wait; ``pending`` shrinks as we go."""
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
+            keys = list(pending)
             pubsub.subscribe(*keys)
-            for key, raw in zip(keys, self._redis.mget(list(keys)), strict=True):
-                result = self._to_result(keys[key], raw)
+            for key, raw in zip(keys, self._redis.mget(keys), strict=True):
+                result = self._to_result(pending[key], raw)
                 if result is not None:
                     del pending[key]
                     yield result
             while pending:
                 wait = 1.0 if deadline is None else deadline - time.monotonic()
                 if wait <= 0:
-                    raise ResultTimeout(f"{len(pending)} of {len(keys)} results still pending")
+                    raise ResultTimeout(f"{len(pending)} results still pending")
                 message = pubsub.get_message(timeout=min(wait, 1.0))
                 if message is None:
                     continue
                 key = message["channel"].decode()
-                result = self._to_result(keys[key], message["data"]) if key in pending else None
+                job_id = pending.get(key)
+                result = self._to_result(job_id, message["data"]) if job_id else None
                 if result is not None:
                     del pending[key]
                     yield result

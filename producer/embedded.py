@@ -127,6 +127,9 @@ class EmbeddedS3:
         self.proc: subprocess.Popen[bytes] | None = None
         self.access_key = S3_ACCESS_KEY
         self.secret_key = S3_SECRET_KEY
+        # Fixed at creation, so a restart (for fault tests) comes back on the same ports.
+        self._ports = {name: _free_pair() for name in ("master", "volume", "filer", "admin", "s3")}
+        self._debug_port = free_port()
 
     @property
     def endpoint_url(self) -> str:
@@ -143,20 +146,20 @@ class EmbeddedS3:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
         config.write_text(json.dumps({"identities": [identity]}))
-        ports = {name: _free_pair() for name in ("master", "volume", "filer", "admin")}
+        ports = {k: v for k, v in self._ports.items() if k != "s3"}
         args = [
             weed, f"-logdir={self.dir}", "mini",
             f"-dir={self.dir / 'data'}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}",
+            f"-s3.port={self.port}", f"-s3.port.grpc={self._ports['s3'][1]}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={config}",
             "-webdav=false", "-admin.ui=false",
-            f"-debug.port={free_port()}",
+            f"-debug.port={self._debug_port}",
         ]  # fmt: skip
         for name, (http, grpc) in ports.items():
             args += [f"-{name}.port={http}", f"-{name}.port.grpc={grpc}"]
-        (self.dir / "data").mkdir()
+        (self.dir / "data").mkdir(exist_ok=True)
         log = (self.dir / "server.log").open("ab")
         env = {**os.environ, "HOME": str(self.dir)}
         self.proc = subprocess.Popen(

@@ -18,6 +18,8 @@ DEFAULT_MODELS: dict[str, str] = {
     "vqa-capfilt-large": "Salesforce/blip-vqa-capfilt-large",
     "itm-base": "Salesforce/blip-itm-base-coco",
     "itm-large": "Salesforce/blip-itm-large-coco",
+    "blip2-opt-2.7b": "Salesforce/blip2-opt-2.7b",
+    "blip2-flan-t5-xl": "Salesforce/blip2-flan-t5-xl",
 }
 """Model names a job may use, mapped to a Hugging Face hub id or a local directory."""
 
@@ -122,7 +124,13 @@ class Settings(ClientSettings):
     )
     s3_connect_timeout_s: float = Field(default=5.0, gt=0)
     s3_read_timeout_s: float = Field(default=20.0, gt=0)
-    s3_max_attempts: int = Field(default=4, ge=1, le=20, description="Tries per GET, with backoff.")
+    s3_max_attempts: int = Field(
+        default=7,
+        ge=1,
+        le=20,
+        description="Tries of a transiently failing GET, backoff 1, 2, 4, 8, 15, 30 s "
+        "(the default rides out about a minute of object-store outage).",
+    )
 
     # --- limits ---
     max_image_bytes: int = Field(default=25 * 2**20, ge=1024, description="Largest object read.")
@@ -133,9 +141,9 @@ class Settings(ClientSettings):
     # --- delivery ---
     visibility_timeout_s: int = Field(
         default=3600,
-        ge=60,
+        ge=5,
         description="Seconds before an unacknowledged message is redelivered (Redis broker); "
-        "must exceed the worst queue wait plus run time.",
+        "must exceed the worst queue wait plus run time (small values are for tests).",
     )
     task_time_limit_s: float = Field(default=600.0, gt=0, description="Hard limit per job.")
     stream_maxlen: int = Field(default=100_000, ge=100, description="Results stream cap.")
