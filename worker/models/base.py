@@ -112,6 +112,7 @@ def stack_pixels(tensors: list[torch.Tensor], placement: Placement) -> torch.Ten
 
 def load_runner(spec: ModelSpec, placement: Placement, *, warmup: bool) -> ModelRunner[Any]:
     """Build, load and warm up the runner of one model; log what was loaded, where, how fast."""
+    from worker.models.blip2 import Blip2Runner
     from worker.models.blip_caption import CaptionRunner
     from worker.models.blip_match import MatchRunner
     from worker.models.blip_vqa import VqaRunner
@@ -120,6 +121,7 @@ def load_runner(spec: ModelSpec, placement: Placement, *, warmup: bool) -> Model
         "caption": CaptionRunner,
         "vqa": VqaRunner,
         "match": MatchRunner,
+        "blip2": Blip2Runner,
     }
     if spec.family not in families:
         raise ValueError(f"model {spec.name!r}: family {spec.family!r} is not available")
