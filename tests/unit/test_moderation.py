@@ -251,12 +251,8 @@ def jobs_for(count: int, policy: str = "test") -> list[ModerationJob]:
     ]
 
 
-def reference(directory: Path, policy: Policy, image: Image.Image) -> dict[str, Any]:
+def reference(model: Any, processor: Any, policy: Policy, image: Image.Image) -> dict[str, Any]:
     """Brute force with the public forward: ITC and ITM for every prompt, one at a time."""
-    from transformers import BlipForImageTextRetrieval, BlipProcessor
-
-    processor = BlipProcessor.from_pretrained(directory)
-    model = BlipForImageTextRetrieval.from_pretrained(directory).eval()
     itm, itc = [], []
     for prompt in policy.prompts:
         inputs = processor(images=image, text=prompt, return_tensors="pt")
@@ -282,8 +278,12 @@ def test_shortlist_and_itm_equal_a_brute_force_reference(tiny_match_dir: Path) -
         shortlists = moderation.shortlist_scores(runner.model, bank, embeds, policy.k)
     outputs = runner.run_batch(items)
 
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    processor = BlipProcessor.from_pretrained(tiny_match_dir)
+    model = BlipForImageTextRetrieval.from_pretrained(tiny_match_dir).eval()
     for pic, shortlist, got in zip(pics, shortlists, outputs, strict=True):
-        ref = reference(tiny_match_dir, policy, pic)
+        ref = reference(model, processor, policy, pic)
         assert set(shortlist) == ref["shortlist"]
         for prompt, probability in shortlist.items():
             assert abs(probability - ref["itm"][prompt]) < 1e-5
