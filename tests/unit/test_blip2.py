@@ -153,8 +153,28 @@ def test_runner_prompts_and_ids_match_the_processor(
         assert item.input_ids[:NUM_QUERY_TOKENS].tolist() == [runner.image_token_id] * 8
     # No prompt: the ids generate() builds itself, image tokens then the LM's bos token.
     plain = runner.prepare(CaptionJob(image=URI, model="tiny"), pic)
+    bos = runner.model.config.text_config.bos_token_id
     assert plain.prompt is None
-    assert plain.input_ids.tolist() == [runner.image_token_id] * 8 + [runner.bos_token_id]
+    assert plain.input_ids.tolist() == [runner.image_token_id] * 8 + [bos]
+
+
+def test_t5_without_bos_token_captions_from_its_eos_token(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    directory = Path(shutil.copytree(model_dirs["t5"], tmp_path / "t5-no-bos"))
+    config = json.loads((directory / "config.json").read_text())
+    del config["text_config"]["bos_token_id"]
+    (directory / "config.json").write_text(json.dumps(config))
+    runner = Blip2Runner(ModelSpec(name="tiny", source=str(directory), family="blip2"), CPU)
+    runner.load()
+    assert getattr(runner.model.config.text_config, "bos_token_id", None) is None
+    item = runner.prepare(CaptionJob(image=URI, model="tiny"), images(1)[0])
+    eos = runner.tokenizer.eos_token_id
+    assert item.input_ids.tolist() == [runner.image_token_id] * NUM_QUERY_TOKENS + [eos]
+    runner.run_batch([item])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

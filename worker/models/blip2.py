@@ -78,6 +78,7 @@ class Blip2Runner(ModelRunner[Blip2Job]):
         # whether torchvision is installed, and the two resize differently.
         self.image_processor = BlipImageProcessorPil.from_pretrained(source)
         self.tokenizer = self.processor.tokenizer
+        self._tokenizer_lock = threading.Lock()
         model = Blip2ForConditionalGeneration.from_pretrained(source, dtype=self.placement.dtype)
         self.model = model.to(self.placement.device).eval()
         config = model.config
@@ -93,12 +94,15 @@ class Blip2Runner(ModelRunner[Blip2Job]):
             )
         self.image_token_id = int(config.image_token_index)
         self.num_query_tokens = int(config.num_query_tokens)
-        self.bos_token_id = int(text.bos_token_id)
+        # Without a prompt, generate() feeds the image tokens and then the LM's bos token. A T5
+        # text config may not define one (transformers 5's T5Config has no bos_token_id): then
+        # the tokenizer's ids of the empty text (T5: the eos token) stand in.
+        bos = getattr(text, "bos_token_id", None)
+        self.no_prompt_ids = [int(bos)] if bos is not None else self._tokenize("")
         self.pad_token_id = int(text.pad_token_id if text.pad_token_id is not None else 0)
         positions = getattr(text, "max_position_embeddings", None)
         self.lm_positions: int | None = int(positions) if positions else None
         self.max_prompt_tokens = min(MAX_PROMPT_TOKENS, self.lm_positions or MAX_PROMPT_TOKENS)
-        self._tokenizer_lock = threading.Lock()
 
     # --- prompts --------------------------------------------------------------------------------
 
@@ -111,11 +115,7 @@ class Blip2Runner(ModelRunner[Blip2Job]):
     def encode(self, job: Blip2Job) -> tuple[str | None, torch.Tensor]:
         """The prompt and its input ids (image tokens first); refuse a prompt over the limit."""
         prompt = self.build_prompt(job)
-        if prompt is None:
-            text_ids = [self.bos_token_id]  # what generate() starts from without input_ids
-        else:
-            with self._tokenizer_lock:  # fast tokenizers are not safe to share across threads
-                text_ids = list(self.tokenizer(prompt)["input_ids"])
+        text_ids = self.no_prompt_ids if prompt is None else self._tokenize(prompt)
         total = self.num_query_tokens + len(text_ids)
         if total > self.max_prompt_tokens:
             raise JobFailure(
@@ -128,14 +128,19 @@ class Blip2Runner(ModelRunner[Blip2Job]):
         positions = self.lm_positions
         if not self.encoder_decoder and positions and total + job.max_new_tokens > positions:
             # A decoder-only LM writes its answer after the prompt, in the same positions.
+            room = positions - total
+            fix = f"lower max_new_tokens to at most {room}" if room > 0 else "shorten the prompt"
             raise JobFailure(
                 f"the prompt ({total} tokens) plus max_new_tokens={job.max_new_tokens} "
-                f"exceeds the language model's {positions} positions; lower "
-                f"max_new_tokens to at most {max(0, positions - total)}",
+                f"exceeds the language model's {positions} positions; {fix}",
                 code=ErrorCode.INVALID_JOB,
             )
         ids = [self.image_token_id] * self.num_query_tokens + text_ids
         return prompt, torch.tensor(ids, dtype=torch.long)
+
+    def _tokenize(self, text: str) -> list[int]:
+        with self._tokenizer_lock:  # fast tokenizers are not safe to share across threads
+            return [int(i) for i in self.tokenizer(text)["input_ids"]]
 
     # --- the runner -----------------------------------------------------------------------------
 
