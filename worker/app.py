@@ -40,7 +40,13 @@ def build_config() -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Sweep for messages abandoned by dead workers every few seconds (kombu's default
+            # sweeps about every 100 s), so redelivery follows the visibility timeout closely.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
+            "unacked_restore_throttle": 1,
+        },
         "worker_send_task_events": True,
         "task_send_sent_event": False,
         "worker_hijack_root_logger": True,
