@@ -46,6 +46,7 @@ FAMILY_KINDS: dict[str, tuple[str, ...]] = {
     "vqa": ("vqa",),
     "match": ("match", "moderate"),
     "blip2": ("caption", "vqa"),
+    "null": ("caption",),
 }
 
 
@@ -56,7 +57,7 @@ class ModelSpec(BaseModel):
 
     name: str
     source: str
-    family: Literal["caption", "vqa", "match", "blip2"]
+    family: Literal["caption", "vqa", "match", "blip2", "null"]
     max_batch_size: int | None = Field(default=None, ge=1, le=1024)
     max_wait_ms: float | None = Field(default=None, ge=0, le=60_000)
 
@@ -117,13 +118,21 @@ class Settings(ClientSettings):
     s3_access_key_id: str | None = Field(
         default=None, description="Else the normal boto3 credential chain."
     )
-    s3_secret_access_key: SecretStr | None = Field(default=None)
-    s3_addressing_style: Literal["auto", "path", "virtual"] = "path"
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="Secret for s3_access_key_id (never logged or returned)."
+    )
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="path", description="path suits MinIO/SeaweedFS/Ceph; virtual suits AWS."
+    )
     s3_allowed_buckets: Annotated[list[str] | None, NoDecode] = Field(
         default=None, description="If set, only these buckets may be read."
     )
-    s3_connect_timeout_s: float = Field(default=5.0, gt=0)
-    s3_read_timeout_s: float = Field(default=20.0, gt=0)
+    s3_connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="Seconds to connect to the object store."
+    )
+    s3_read_timeout_s: float = Field(
+        default=20.0, gt=0, description="Seconds without data before a GET is abandoned."
+    )
     s3_max_attempts: int = Field(
         default=7,
         ge=1,
@@ -224,7 +233,8 @@ def _fixture_policies() -> dict[str, str]:
 
 def _spec(name: str, entry: str | dict[str, object]) -> ModelSpec:
     fields: dict[str, object] = {"source": entry} if isinstance(entry, str) else dict(entry)
-    fields.setdefault("family", _infer_family(name, str(fields["source"])))
+    if "family" not in fields:  # inferred only when not given (inference may fail)
+        fields["family"] = _infer_family(name, str(fields["source"]))
     return ModelSpec(name=name, **fields)  # type: ignore[arg-type]
 
 
