@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from producer import calibrate
+from producer import bulk, calibrate
 from producer.client import Client
 from producer.config import ClientSettings
 from producer.errors import ResultTimeout
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (with --wait)")
     mod.set_defaults(func=cmd_moderate)
     calibrate.add_command(sub, _client)
+    bulk.add_commands(sub, _client)
 
     res = sub.add_parser(
         "result", help="print the result of a job", description="Wait for a result."

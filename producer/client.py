@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import states
@@ -16,6 +16,9 @@ from producer.errors import ResultTimeout
 from producer.jobs import JOB_KINDS, AnyJob, ErrorCode, JobResult, decode_result, encode_job
 from producer.stream import StreamEvent, follow
 from producer.transport import make_app
+
+if TYPE_CHECKING:
+    from producer.bulk import BulkRun
 
 # How many result keys one results() call subscribes to at a time.
 _SUBSCRIBE_CHUNK = 1000
@@ -181,6 +184,36 @@ class Client:
             from_start=from_start,
             block_ms=block_ms,
             idle_stop=idle_stop,
+        )
+
+    def bulk(
+        self,
+        jobs: Iterable[AnyJob | str] | Mapping[str, AnyJob | str],
+        *,
+        run_id: str | None = None,
+        kind: str = "caption",
+        options: Mapping[str, Any] | None = None,
+        max_pending: int = 2000,
+        chunk: int | None = None,
+        idle_timeout_s: float | None = None,
+        force: bool = False,
+    ) -> BulkRun:
+        """Start or resume a bulk run (``producer.bulk``): iterate it for results, poll
+        ``progress()``. Image URIs become ``kind`` jobs with ``options``; a mapping names items.
+        The same ``run_id`` (default: derived from the inputs) skips what an earlier start did.
+        """
+        from producer.bulk import start_run
+
+        return start_run(
+            self,
+            jobs,
+            run_id=run_id,
+            kind=kind,
+            options=options,
+            max_pending=max_pending,
+            chunk=chunk,
+            idle_timeout_s=idle_timeout_s,
+            force=force,
         )
 
     def queue_depths(self) -> dict[str, int]:

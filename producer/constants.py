@@ -36,3 +36,33 @@ SUBMIT_CHUNK = 500
 def queue_for(kind: str) -> str:
     """The queue of a job kind."""
     return f"{QUEUE_PREFIX}{kind}"
+
+
+# --- bulk runs (producer/bulk.py) ----------------------------------------------------------------
+# Every key of a run expires BULK_RUN_EXPIRES_S after the run's last activity (refreshed with each
+# heartbeat and each batch of finished items), like the results it points at.
+
+BULK_RUN_KEY = "blipq:bulk:{run_id}"
+"""Hash: a bulk run's metadata (kind, source, options, total, state, runner, timestamps) and its
+``done`` / ``failed`` counters."""
+
+BULK_JOBS_KEY = "blipq:bulk:{run_id}:jobs"
+"""Hash: item (the image URI, or a manifest row's ``id``) -> job id, for every submitted item."""
+
+BULK_DONE_KEY = "blipq:bulk:{run_id}:done"
+"""Hash: item -> ``ok`` | ``error`` for every finished item whose result was handed out."""
+
+BULK_LOCK_KEY = "blipq:bulk:{run_id}:lock"
+"""String: the runner (``host:pid:token``) now driving the run; a lease of BULK_LOCK_TTL_S seconds
+renewed by its heartbeat, so a second runner of the same run is refused."""
+
+BULK_RUNS_KEY = "blipq:bulk:runs"
+"""Sorted set: run ids by last activity (Unix time), for ``blipq status`` without a run id;
+entries whose run has expired are dropped when it is read."""
+
+BULK_RUN_EXPIRES_S = RESULT_EXPIRES_S
+"""Seconds a run's keys outlive its last activity: the client's ``result_expires_s`` (this by
+default), since a resumed run replays stored results that expire as fast."""
+
+BULK_LOCK_TTL_S = 15
+"""Seconds a dead runner's lease keeps others off its run (``--force`` takes it over at once)."""
