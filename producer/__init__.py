@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from producer.aio import AsyncClient
 from producer.client import Client
 from producer.errors import BlipqError, InvalidJob, JobFailure, ResultTimeout
 from producer.jobs import (
@@ -25,6 +26,7 @@ from producer.jobs import (
 )
 
 __all__ = [
+    "AsyncClient",
     "BlipqError",
     "CaptionJob",
     "CaptionOutput",

@@ -1,0 +1,196 @@
+"""AsyncClient: the Client for asyncio programs (web backends), on ``redis.asyncio``.
+
+Waiting never blocks the event loop: ``result`` / ``results`` use the same publish-on-store logic
+as ``Client.results`` (subscribe to the result keys ``celery-task-meta-<id>``, then read what is
+already stored with MGET, then wait for messages), and ``stream`` follows the results stream with
+a consumer group, over ``redis.asyncio``.
+
+Sending is Celery's synchronous ``send_task`` (kombu has no asyncio producer), run in a worker
+thread (``asyncio.to_thread``): one Redis round trip per call (per chunk for ``submit_many``)
+that does not hold up the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from producer.client import Client
+from producer.config import ClientSettings
+from producer.constants import RESULTS_STREAM
+from producer.errors import ResultTimeout
+from producer.jobs import AnyJob, JobResult, decode_result
+from producer.stream import StreamEvent
+
+# How many result keys one results() call subscribes to at a time (as Client.results).
+_SUBSCRIBE_CHUNK = 1000
+
+
+class AsyncClient:
+    """The producer's asyncio handle on blipq. Share one per event loop."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        broker_url: str | None = None,
+        settings: ClientSettings | None = None,
+    ) -> None:
+        # The sync client sends (in a thread) and knows Celery's result keys and encoding.
+        self._sync = Client(redis_url, broker_url=broker_url, settings=settings)
+        self.settings = self._sync.settings
+        self._redis = aioredis.Redis.from_url(self.settings.redis_url)
+
+    @classmethod
+    def from_env(cls) -> AsyncClient:
+        """Build a client from ``BLIPQ_*`` environment variables."""
+        return cls(settings=ClientSettings())
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    async def submit(self, job: AnyJob, *, job_id: str | None = None) -> str:
+        """Send one job (Celery's send in a thread); return its id."""
+        return await asyncio.to_thread(self._sync.submit, job, job_id=job_id)
+
+    async def submit_many(self, jobs: Iterable[AnyJob]) -> list[str]:
+        """Send many jobs, one Redis round trip per ``submit_chunk`` (in a thread)."""
+        return await asyncio.to_thread(self._sync.submit_many, list(jobs))
+
+    # --- results ---------------------------------------------------------------------------------
+
+    async def peek(self, job_id: str) -> JobResult | None:
+        """The result if the job has finished, else None; never waits."""
+        raw = await self._redis.get(self._key(job_id))
+        return self._sync._to_result(job_id, raw)
+
+    async def result(self, job_id: str, timeout: float | None = None) -> JobResult:
+        """Wait for the result of one job; raise ResultTimeout after ``timeout`` seconds."""
+        async for result in self.results([job_id], timeout=timeout):
+            return result
+        raise ResultTimeout(f"no result for job {job_id} within {timeout}s")  # pragma: no cover
+
+    async def results(
+        self, job_ids: Sequence[str], timeout: float | None = None
+    ) -> AsyncIterator[JobResult]:
+        """Yield results as they complete (any order); ResultTimeout if some are still missing."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for start in range(0, len(job_ids), _SUBSCRIBE_CHUNK):
+            chunk = job_ids[start : start + _SUBSCRIBE_CHUNK]
+            pending = {self._key(job_id): job_id for job_id in chunk}
+            retry_s = 0.1
+            while pending:
+                try:
+                    async for result in self._wait_for(pending, deadline):
+                        yield result
+                except redis.ConnectionError as exc:
+                    # Redis restarted or the network blinked: resubscribe and re-read.
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise ResultTimeout(
+                            f"{len(pending)} results pending; Redis unreachable"
+                        ) from exc
+                    await asyncio.sleep(retry_s)
+                    retry_s = min(retry_s * 2, 2.0)
+
+    async def _wait_for(
+        self, pending: dict[str, str], deadline: float | None
+    ) -> AsyncIterator[JobResult]:
+        """Subscribe, read what is already stored, then wait; ``pending`` shrinks as we go."""
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            keys = list(pending)
+            await pubsub.subscribe(*keys)
+            for key, raw in zip(keys, await self._redis.mget(keys), strict=True):
+                result = self._sync._to_result(pending[key], raw)
+                if result is not None:
+                    del pending[key]
+                    yield result
+            while pending:
+                wait = 1.0 if deadline is None else deadline - time.monotonic()
+                if wait <= 0:
+                    raise ResultTimeout(f"{len(pending)} results still pending")
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=min(wait, 1.0)
+                )
+                if message is None:
+                    continue
+                key = _text(message["channel"])
+                job_id = pending.get(key)
+                result = self._sync._to_result(job_id, message["data"]) if job_id else None
+                if result is not None:
+                    del pending[key]
+                    yield result
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _key(self, job_id: str) -> str:
+        backend: Any = self._sync._app.backend
+        return str(backend.get_key_for_task(job_id).decode())
+
+    # --- following -------------------------------------------------------------------------------
+
+    async def stream(
+        self,
+        *,
+        group: str,
+        consumer: str,
+        from_start: bool = False,
+        block_ms: int = 1000,
+        count: int = 100,
+        idle_stop: bool = False,
+    ) -> AsyncIterator[StreamEvent]:
+        """Follow finished jobs on the results stream as one consumer of a consumer group.
+
+        As ``Client.stream``: at-least-once and resumable; an event is acknowledged when the next
+        one is requested, and a restarted consumer first gets back what it had not finished.
+        """
+        try:
+            await self._redis.xgroup_create(
+                RESULTS_STREAM, group, id="0" if from_start else "$", mkstream=True
+            )
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        cursor = "0"  # first this consumer's own unacknowledged entries, then new ones
+        while True:
+            batch: Any = await self._redis.xreadgroup(
+                group, consumer, {RESULTS_STREAM: cursor}, count=count, block=block_ms
+            )
+            entries = batch[0][1] if batch else []
+            if not entries:
+                if cursor == "0":
+                    cursor = ">"
+                    continue
+                if idle_stop:
+                    return
+                continue
+            for entry_id, fields in entries:
+                event_id = _text(entry_id)
+                yield StreamEvent(event_id, decode_result(json.loads(fields[b"result"])))
+                await self._redis.xack(RESULTS_STREAM, group, event_id)
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Messages waiting in each blipq queue (in a thread, as ``Client.queue_depths``)."""
+        return await asyncio.to_thread(self._sync.queue_depths)
+
+    async def ping(self) -> bool:
+        return bool(await self._redis.ping())
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+        await asyncio.to_thread(self._sync.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
