@@ -66,3 +66,10 @@ default), since a resumed run replays stored results that expire as fast."""
 
 BULK_LOCK_TTL_S = 15
 """Seconds a dead runner's lease keeps others off its run (``--force`` takes it over at once)."""
+
+# --- the example web backend (examples/fastapi_app.py) -------------------------------------------
+
+WEB_JOB_KEY = "blipq:web:job:{job_id}"
+"""String set when the example web app submits a job, expiring with its result
+(``result_expires_s``): GET /jobs/{id} answers 202 (pending) for these and 404 for ids it never
+submitted."""
