@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -740,7 +741,7 @@ class BulkRun:
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._started = False
-        self._iteration: Generator[BulkResult] | None = None
+        self._iteration: weakref.ref[Generator[BulkResult]] | None = None
         self._state = RunState(client._redis, self.run_id, client.settings.result_expires_s)
         self._state.acquire(force=force)
         try:
@@ -804,8 +805,11 @@ class BulkRun:
         if self._started:
             raise BulkError("a BulkRun can be iterated once")
         self._started = True
-        self._iteration = self._run()
-        return self._iteration
+        iteration = self._run()
+        # A weak reference: a loop left with ``break`` drops the generator, which then ends the
+        # run at once (records what was handled, gives the lease back), as close() does.
+        self._iteration = weakref.ref(iteration)
+        return iteration
 
     def _run(self) -> Generator[BulkResult]:
         waiter = _Waiter(self._client)
@@ -908,13 +912,17 @@ class BulkRun:
             if acks:
                 self._ack(acks)
             self._state.heartbeat(state)
-        finally:
             self._state.release()
+        except redis.RedisError:
+            # Redis is gone: the unrecorded items are handed out again on resume (at least
+            # once), and the lease lapses by itself. Never raise out of a closing generator.
+            pass
 
     def close(self) -> None:
         """End the run here: stop an iteration left unfinished, give the lease back."""
-        if self._iteration is not None:
-            self._iteration.close()
+        iteration = self._iteration() if self._iteration is not None else None
+        if iteration is not None:
+            iteration.close()
         elif not self._started:
             self._started = True
             self._finish([], "stopped")

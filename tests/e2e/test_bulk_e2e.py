@@ -184,13 +184,15 @@ def test_python_bulk_stop_iterating_then_resume(
         first.append(item.key)
         if len(first) == 25:
             break  # stop iterating: in-flight jobs finish for the next start
+    # Leaving the loop ended the run (the generator was dropped): what was handled is recorded.
     progress = run.progress()
     assert progress.total == 60 and progress.done == 24  # the last one handed out is not acked
     assert 25 <= progress.submitted < 60
+    run.close()  # a no-op now; with `with client.bulk(...) as run:` it is implied
 
-    resumed = client.bulk(uris, options=options, max_pending=12, chunk=6)
-    assert resumed.run_id == run.run_id and resumed.resumed
-    second = [item.key for item in resumed]
+    with client.bulk(uris, options=options, max_pending=12, chunk=6) as resumed:
+        assert resumed.run_id == run.run_id and resumed.resumed
+        second = [item.key for item in resumed]
     # At least once: the item being handled when the iteration stopped comes back; nothing else.
     assert set(first) & set(second) == {first[-1]}
     assert sorted(set(first) | set(second)) == sorted(uris)
