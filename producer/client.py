@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery import states
 
+from producer import ledger
 from producer.config import ClientSettings
 from producer.constants import TASK_RUN_JOB, queue_for
 from producer.errors import ResultTimeout
@@ -56,34 +57,47 @@ class Client:
     def submit(self, job: AnyJob, *, job_id: str | None = None) -> str:
         """Send one job; return its id (the Celery task id)."""
         job_id = job_id or str(uuid.uuid4())
-        self._send(job, job_id, producer=None)
+        self._send_chunk([(job, job_id)], producer=None)
         return job_id
 
     def submit_many(self, jobs: Iterable[AnyJob]) -> list[str]:
-        """Send many jobs with one Redis round trip per chunk of ``submit_chunk`` jobs."""
-        ids: list[str] = []
+        """Send many jobs: per chunk of ``submit_chunk`` jobs, one round trip for the ledger
+        and one for the messages (kombu's publish batch pipelines the LPUSHes)."""
+        pending = [(job, str(uuid.uuid4())) for job in jobs]
         chunk = self.settings.submit_chunk
-        pending = list(jobs)
         with self._app.producer_or_acquire() as producer:
             for start in range(0, len(pending), chunk):
-                # kombu's publish batch pipelines the LPUSHes of one chunk into one round trip.
                 with producer.batch(max_size=chunk):
-                    for job in pending[start : start + chunk]:
-                        job_id = str(uuid.uuid4())
-                        self._send(job, job_id, producer=producer)
-                        ids.append(job_id)
-        return ids
+                    self._send_chunk(pending[start : start + chunk], producer=producer)
+        return [job_id for _, job_id in pending]
 
     def _send(self, job: AnyJob, job_id: str, producer: Any) -> None:
-        queue = queue_for(job.kind)
-        self._app.send_task(
-            TASK_RUN_JOB,
-            kwargs={"job": encode_job(job), "submitted_at": time.time()},
-            task_id=job_id,
-            queue=queue,
-            routing_key=queue,
-            producer=producer,
+        """Send one job under a given id (ledger write included)."""
+        self._send_chunk([(job, job_id)], producer=producer)
+
+    def _send_chunk(self, jobs: list[tuple[AnyJob, str]], producer: Any) -> None:
+        now = time.time()
+        messages = [
+            (job, job_id, {"job": encode_job(job), "submitted_at": now}) for job, job_id in jobs
+        ]
+        # The ledger first: a job is on record before any worker can take it.
+        pipe = self._redis.pipeline(transaction=False)
+        # Scores rise by a microsecond per job so that ledger order is queue (FIFO) order.
+        ledger.record(
+            pipe,
+            [(job_id, kwargs, now + i * 1e-6) for i, (_, job_id, kwargs) in enumerate(messages)],
         )
+        pipe.execute()
+        for job, job_id, kwargs in messages:
+            queue = queue_for(job.kind)
+            self._app.send_task(
+                TASK_RUN_JOB,
+                kwargs=kwargs,
+                task_id=job_id,
+                queue=queue,
+                routing_key=queue,
+                producer=producer,
+            )
 
     # --- results ---------------------------------------------------------------------------------
 

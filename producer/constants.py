@@ -23,6 +23,17 @@ DELIVERIES_KEY = "blipq:deliveries:{job_id}"
 DEAD_LETTER = "blipq:dead"
 """List of JSON records (job id, payload, reason) of poison jobs, newest first."""
 
+LEDGER = "blipq:ledger"
+"""Sorted set of unfinished job ids scored by submission time (Unix seconds). Written by the
+producer before the message is sent, cleared by the worker when the result is stored; the
+worker's reaper re-sends jobs that a dying consumer took off a Redis queue and lost."""
+
+LEDGER_PAYLOADS = "blipq:ledger:payloads"
+"""Hash job id -> the task's JSON kwargs, so a lost job can be sent again unchanged."""
+
+REAPER_LOCK = "blipq:reaper:lock"
+"""Held (SET NX EX) by the one worker that sweeps the ledger at a time."""
+
 RESULT_EXPIRES_S = 86_400
 """Seconds a result stays in the result backend."""
 

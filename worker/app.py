@@ -46,6 +46,8 @@ def build_config() -> dict[str, Any]:
             # sweeps about every 100 s), so redelivery follows the visibility timeout closely.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
             "unacked_restore_throttle": 1,
+            # A worker killed while sweeping holds the sweep mutex until it expires.
+            "unacked_mutex_expire": max(5, min(300, settings.visibility_timeout_s)),
         },
         "worker_send_task_events": True,
         "task_send_sent_event": False,

@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 
+from producer import ledger
 from producer.constants import DEAD_LETTER, DELIVERIES_KEY, PUBLISHED_KEY, RESULTS_STREAM
 
 # Atomic: announce a job on the stream only the first time it finishes (a redelivered job that
@@ -76,7 +77,15 @@ class DeliveryGuard:
         return int(count)
 
     def finished(self, job_id: str) -> None:
+        """This start is over (it will be retried): clear the start counter only."""
         self._redis.delete(DELIVERIES_KEY.format(job_id=job_id))
+
+    def completed(self, job_id: str) -> None:
+        """The job's result is stored: clear its start counter and its ledger entry."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(DELIVERIES_KEY.format(job_id=job_id))
+        ledger.forget(pipe, job_id)
+        pipe.execute()
 
     def dead_letter(self, job_id: str, payload: object, reason: str) -> None:
         record = {"job_id": job_id, "payload": payload, "reason": reason, "at": time.time()}

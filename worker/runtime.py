@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 import torch
 
+from producer.constants import TASK_RUN_JOB, queue_for
 from producer.errors import InvalidJob, JobFailure, Retryable
 from producer.jobs import ErrorCode, JobResult, Timings, decode_job
 from worker import images
@@ -26,6 +27,7 @@ from worker.batcher import Batcher, BatchPolicy
 from worker.metrics import Metrics
 from worker.models import ModelRunner, Placement, load_runner
 from worker.publish import DeliveryGuard, Publisher
+from worker.reaper import Reaper
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -56,6 +58,8 @@ class Runtime:
         self.runners = runners
         self.s3 = s3
         expires = settings.result_expires_s
+        self.redis = redis_client
+        self.reaper: Reaper | None = None
         self.publisher = Publisher(redis_client, maxlen=settings.stream_maxlen, expires_s=expires)
         self.deliveries = DeliveryGuard(redis_client, expires_s=expires)
         self.limits = images.Limits(settings.max_image_bytes, settings.max_image_pixels)
@@ -86,9 +90,35 @@ class Runtime:
         if settings.metrics_port:
             runtime.metrics.serve(settings.metrics_port, settings.metrics_addr)
         runtime.batcher.start()
+        if settings.effective_broker_url.startswith(("redis://", "rediss://", "unix://")):
+            runtime.reaper = runtime.make_reaper()
+            runtime.reaper.start()
         return runtime
 
+    def make_reaper(self) -> Reaper:
+        from worker.app import app
+
+        backend: Any = app.backend
+
+        def resend(job_id: str, kwargs: dict[str, Any]) -> None:
+            payload = kwargs.get("job")
+            kind = payload.get("kind", "caption") if isinstance(payload, dict) else "caption"
+            queue = queue_for(str(kind))
+            app.send_task(
+                TASK_RUN_JOB, kwargs=kwargs, task_id=job_id, queue=queue, routing_key=queue
+            )
+
+        return Reaper(
+            self.redis,
+            resend,
+            reap_after_s=self.settings.reap_after_s,
+            interval_s=self.settings.reap_interval_s,
+            result_key=lambda job_id: backend.get_key_for_task(job_id).decode(),
+        )
+
     def stop(self) -> None:
+        if self.reaper is not None:
+            self.reaper.stop()
         self.batcher.stop(timeout=30)
 
     # --- one job ---------------------------------------------------------------------------------

@@ -160,6 +160,15 @@ class Settings(ClientSettings):
         default=None, ge=1, le=65535, description="Serve Prometheus metrics on this port."
     )
     metrics_addr: str = Field(default="0.0.0.0", description="Address the metrics server binds.")
+    reap_after_s: float = Field(
+        default=900.0,
+        ge=1,
+        description="A Redis-brokered job with no result this long after submission, not "
+        "running, not held and no longer queued is sent again (a consumer lost it).",
+    )
+    reap_interval_s: float = Field(
+        default=30.0, ge=0.5, description="Seconds between reaper sweeps (one worker at a time)."
+    )
     max_deliveries: int = Field(
         default=3,
         ge=1,

@@ -25,7 +25,7 @@ class JobTask(Task):  # type: ignore[type-arg]
         # redelivery finds the stored result (or, once acked, there is no redelivery).
         runtime = get_runtime()
         runtime.publisher.publish(retval)
-        runtime.deliveries.finished(task_id)
+        runtime.deliveries.completed(task_id)
 
 
 @app.task(base=JobTask, bind=True, name=TASK_RUN_JOB, max_retries=None)  # type: ignore[untyped-decorator]

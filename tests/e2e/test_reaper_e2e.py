@@ -1,0 +1,55 @@
+"""The reaper against a real Redis: it re-sends exactly the jobs a consumer lost."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from producer import CaptionJob, Client
+from producer.constants import DELIVERIES_KEY, LEDGER
+from producer.embedded import EmbeddedRedis
+from worker.reaper import Reaper
+
+QUEUE = "blipq.caption"
+
+
+@pytest.fixture
+def server() -> Iterator[EmbeddedRedis]:
+    s = EmbeddedRedis().start()
+    yield s
+    s.close()
+
+
+def test_reaper_resends_only_lost_jobs(server: EmbeddedRedis) -> None:
+    r = redis.Redis.from_url(server.url)
+    with Client(redis_url=server.url) as client:
+        ids = client.submit_many([CaptionJob(image=f"s3://bkt/{i}.jpg") for i in range(6)])
+    assert r.zcard(LEDGER) == 6 and r.llen(QUEUE) == 6
+    resent: list[tuple[str, dict[str, Any]]] = []
+    reaper = Reaper(
+        r,
+        lambda job_id, kwargs: resent.append((job_id, kwargs)),
+        reap_after_s=60,
+        interval_s=1,
+        result_key=lambda i: f"celery-task-meta-{i}",
+        clock=lambda: 10**12,  # everything is old
+    )
+    assert reaper.reap_once() == []  # all still queued: nothing is lost
+
+    # Consumers take the four oldest (FIFO: from the right end).
+    taken = [json.loads(r.rpop(QUEUE)) for _ in range(4)]  # type: ignore[arg-type]
+    assert [m["headers"]["id"] for m in taken] == ids[:4]
+    r.hset("unacked", "tag-1", json.dumps([taken[0], "", QUEUE]))  # held by a live consumer
+    r.set(DELIVERIES_KEY.format(job_id=ids[1]), 1)  # running
+    r.set(f"celery-task-meta-{ids[2]}", json.dumps({"status": "SUCCESS", "result": {}}))  # done
+    # ids[3] was taken by a consumer that died before recording it anywhere: lost.
+
+    assert reaper.reap_once() == [ids[3]]
+    assert resent[0][0] == ids[3]
+    assert resent[0][1]["job"]["image"] == "s3://bkt/3.jpg"
+    assert r.zscore(LEDGER, ids[2]) is None  # the finished one is cleared from the ledger
+    assert reaper.reap_once() == []  # re-sent jobs get a fresh wait, not a second resend... yet

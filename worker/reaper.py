@@ -1,0 +1,132 @@
+"""Find jobs a dying consumer took off a Redis queue and lost, and send them again.
+
+A job is lost when it is old (submitted more than ``reap_after_s`` ago), has no result, is
+not running (no start counter), is not held unacknowledged by any consumer (kombu puts those
+back itself after the visibility timeout), and is no longer in its queue. Queues are FIFO, so
+"no longer in the queue" is: the oldest message still waiting there was submitted after it.
+Sending a job twice is harmless (results are stored under the job id, events are deduped);
+losing one is not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from producer import ledger
+from producer.constants import DELIVERIES_KEY, LEDGER, LEDGER_PAYLOADS, REAPER_LOCK, queue_for
+from producer.jobs import JOB_KINDS
+
+log = logging.getLogger(__name__)
+
+Resend = Callable[[str, dict[str, Any]], None]
+_SCAN = 500
+
+
+class Reaper:
+    def __init__(
+        self,
+        client: redis.Redis,
+        resend: Resend,
+        *,
+        reap_after_s: float,
+        interval_s: float,
+        result_key: Callable[[str], str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._redis = client
+        self._resend = resend
+        self._after = reap_after_s
+        self._interval = interval_s
+        self._result_key = result_key
+        self._now = clock
+        self._stop = threading.Event()
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._loop, name="blipq-reaper", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                if self._redis.set(REAPER_LOCK, "1", nx=True, ex=max(1, int(self._interval))):
+                    self.reap_once()
+            except redis.RedisError:
+                log.warning("reaper: Redis unavailable, will retry", exc_info=True)
+
+    def reap_once(self) -> list[str]:
+        """One sweep; returns the ids sent again."""
+        old: list[Any] = self._redis.zrangebyscore(
+            LEDGER, "-inf", self._now() - self._after, start=0, num=_SCAN, withscores=True
+        )
+        if not old:
+            return []
+        candidates = {_text(job_id): score for job_id, score in old}
+        ids = list(candidates)
+        finished = self._redis.mget([self._result_key(i) for i in ids])
+        running = self._redis.mget([DELIVERIES_KEY.format(job_id=i) for i in ids])
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id, result in zip(ids, finished, strict=True):
+            if result is not None:
+                ledger.forget(pipe, job_id)  # done; the worker died before clearing the ledger
+        pipe.execute()
+        held = self._unacked_ids()
+        oldest = self._oldest_waiting()
+        lost = [
+            job_id
+            for job_id, result, started in zip(ids, finished, running, strict=True)
+            if result is None
+            and started is None
+            and job_id not in held
+            and candidates[job_id] < oldest
+        ]
+        return [job_id for job_id in lost if self._send_again(job_id)]
+
+    def _send_again(self, job_id: str) -> bool:
+        raw = self._redis.hget(LEDGER_PAYLOADS, job_id)
+        if raw is None:
+            return False
+        kwargs = json.loads(raw)
+        log.warning("reaper: job %s was lost by a consumer; sending it again", job_id)
+        self._redis.zadd(LEDGER, {job_id: self._now()})  # not again before another full wait
+        self._resend(job_id, kwargs)
+        return True
+
+    def _unacked_ids(self) -> set[str]:
+        ids = set()
+        for raw in self._redis.hvals("unacked"):
+            try:
+                message = json.loads(raw)[0]
+                ids.add(str(message["headers"]["id"]))
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue
+        return ids
+
+    def _oldest_waiting(self) -> float:
+        """Submission time of the oldest message still waiting in any queue (inf if none)."""
+        oldest = float("inf")
+        for kind in JOB_KINDS:
+            raw = self._redis.lindex(queue_for(kind), -1)
+            if raw is None:
+                continue
+            try:
+                job_id = str(json.loads(raw)["headers"]["id"])
+            except (ValueError, KeyError, TypeError):
+                return float("-inf")  # cannot tell: assume nothing is lost
+            score = self._redis.zscore(LEDGER, job_id)
+            oldest = min(oldest, score if score is not None else float("-inf"))
+        return oldest
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
