@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -13,7 +14,7 @@ from producer import bulk, calibrate
 from producer.client import Client
 from producer.config import ClientSettings
 from producer.errors import ResultTimeout
-from producer.jobs import CaptionJob, JobResult, ModerationJob
+from producer.jobs import AnyJob, CaptionJob, JobResult, MatchJob, ModerationJob, VqaJob
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -24,39 +25,57 @@ def _print_result(result: JobResult) -> None:
     print(json.dumps(result.model_dump(mode="json"), indent=2))
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
+def _submit(args: argparse.Namespace, build: Callable[[], AnyJob]) -> int:
+    """Validate the job first (exit 2 on a bad one), send it, and maybe wait for its result."""
     try:
-        job = CaptionJob(
+        job = build()
+    except ValidationError as exc:
+        print(f"invalid job: {exc}", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        job_id = client.submit(job)
+        if not args.wait:
+            print(job_id)
+            return 0
+        return _wait_and_print(client, job_id, args.timeout)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    return _submit(
+        args,
+        lambda: CaptionJob(
             image=args.image,
             model=args.model,
             prompt=args.prompt,
             max_new_tokens=args.max_new_tokens,
             min_new_tokens=args.min_new_tokens,
             num_beams=args.num_beams,
-        )
-    except ValidationError as exc:
-        print(f"invalid job: {exc}", file=sys.stderr)
-        return 2
-    with _client(args) as client:
-        job_id = client.submit(job)
-        if not args.wait:
-            print(job_id)
-            return 0
-        return _wait_and_print(client, job_id, args.timeout)
+            candidates=args.candidates,
+        ),
+    )
+
+
+def cmd_vqa(args: argparse.Namespace) -> int:
+    return _submit(
+        args,
+        lambda: VqaJob(
+            image=args.image,
+            question=args.question,
+            model=args.model,
+            max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
+        ),
+    )
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    return _submit(args, lambda: MatchJob(image=args.image, texts=args.text, model=args.model))
 
 
 def cmd_moderate(args: argparse.Namespace) -> int:
-    try:
-        job = ModerationJob(image=args.image, model=args.model, policy=args.policy)
-    except ValidationError as exc:
-        print(f"invalid job: {exc}", file=sys.stderr)
-        return 2
-    with _client(args) as client:
-        job_id = client.submit(job)
-        if not args.wait:
-            print(job_id)
-            return 0
-        return _wait_and_print(client, job_id, args.timeout)
+    return _submit(
+        args, lambda: ModerationJob(image=args.image, model=args.model, policy=args.policy)
+    )
 
 
 def cmd_result(args: argparse.Namespace) -> int:
@@ -96,6 +115,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(model=args.model, count=args.count)
 
 
+def _job_parser(sub: Any, name: str, help_text: str, model: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("image", help="s3://bucket/key of the image")
+    parser.add_argument("--model", default=model, help="model name from the worker's map")
+    parser.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (--wait)")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blipq",
@@ -105,29 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", help="Redis URL for broker and results (BLIPQ_REDIS_URL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    cap = sub.add_parser(
-        "caption", help="caption an image in S3", description="Submit a caption job."
-    )
-    cap.add_argument("image", help="s3://bucket/key of the image")
+    cap = _job_parser(sub, "caption", "caption an image in S3", "caption-base")
     cap.add_argument("--prompt", help='conditional caption prefix, e.g. "a photography of"')
-    cap.add_argument("--model", default="caption-base", help="model name from the worker's map")
     cap.add_argument("--max-new-tokens", type=int, default=30)
     cap.add_argument("--min-new-tokens", type=int, default=0)
     cap.add_argument("--num-beams", type=int, default=1)
-    cap.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    cap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (with --wait)")
+    cap.add_argument("--candidates", type=int, default=0, help="best-of-k: k nucleus samples")
     cap.set_defaults(func=cmd_caption)
 
-    mod = sub.add_parser(
-        "moderate",
-        help="moderate an image in S3 against a policy",
-        description="Submit a moderation job: per-category scores, flags and a decision.",
-    )
-    mod.add_argument("image", help="s3://bucket/key of the image")
+    vqa = _job_parser(sub, "vqa", "ask a question about an image in S3", "vqa-base")
+    vqa.add_argument("--question", required=True, help='e.g. "how many dogs are there?"')
+    vqa.add_argument("--max-new-tokens", type=int, default=10)
+    vqa.add_argument("--num-beams", type=int, default=1)
+    vqa.set_defaults(func=cmd_vqa)
+
+    match = _job_parser(sub, "match", "score texts against an image in S3 (ITM, ITC)", "itm-base")
+    match.add_argument("--text", action="append", required=True, help="a text (repeatable)")
+    match.set_defaults(func=cmd_match)
+
+    mod = _job_parser(sub, "moderate", "moderate an image in S3 against a policy", "itm-base")
     mod.add_argument("--policy", default="default", help="policy name the worker serves")
-    mod.add_argument("--model", default="itm-base", help="ITM model the policy is written for")
-    mod.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    mod.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (with --wait)")
     mod.set_defaults(func=cmd_moderate)
     calibrate.add_command(sub, _client)
     bulk.add_commands(sub, _client)

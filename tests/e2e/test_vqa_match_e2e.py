@@ -72,3 +72,43 @@ def test_vqa_and_match_jobs(
     refused = results[ids[-1]]
     assert refused.error is not None and refused.error.code is ErrorCode.UNKNOWN_MODEL
     assert max(results[i].batch_size for i in ids[: len(vqa_jobs)]) > 1
+
+
+def test_cli_vqa_and_match(caption_worker: WorkerProcess, client: Client, s3) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import os
+    import subprocess
+    import sys
+
+    s3.create_bucket(Bucket="cli-vqa")
+    s3.put_object(Bucket="cli-vqa", Key="a.jpg", Body=sample_jpegs(1, seed=31)[0])
+    env = {**os.environ, "BLIPQ_REDIS_URL": client.settings.redis_url}
+    cli = [sys.executable, "-m", "producer.cli"]
+    vqa = subprocess.run(
+        [*cli, "vqa", "s3://cli-vqa/a.jpg", "--model", "tiny-vqa", "--question", "what?", "--wait"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(vqa.stdout)["output"]["question"] == "what?"
+    match = subprocess.run(
+        [
+            *cli,
+            "match",
+            "s3://cli-vqa/a.jpg",
+            "--model",
+            "tiny-match",
+            "--text",
+            "a",
+            "--text",
+            "a red circle",
+            "--wait",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    scores = json.loads(match.stdout)["output"]["scores"]
+    assert [s["text"] for s in scores] == ["a", "a red circle"]

@@ -42,3 +42,18 @@ def test_invalid_job_is_refused_before_connecting(capsys: pytest.CaptureFixture[
         == 2
     )
     assert "max_new_tokens" in capsys.readouterr().err
+
+
+def test_vqa_and_match_options_parse() -> None:
+    args = build_parser().parse_args(["vqa", "s3://b-1/k.jpg", "--question", "what color?"])
+    assert (args.question, args.model, args.max_new_tokens) == ("what color?", "vqa-base", 10)
+    args = build_parser().parse_args(["match", "s3://b-1/k.jpg", "--text", "a", "--text", "b c"])
+    assert (args.text, args.model) == (["a", "b c"], "itm-base")
+
+
+def test_every_job_command_validates_first(capsys: pytest.CaptureFixture[str]) -> None:
+    url = ["--redis-url", "redis://127.0.0.1:1/0"]
+    assert main([*url, "vqa", "s3://b-1/k.jpg", "--question", ""]) == 2
+    assert main([*url, "match", "not-s3", "--text", "a"]) == 2
+    assert main([*url, "caption", "s3://b-1/k.jpg", "--candidates", "99"]) == 2
+    assert "invalid job" in capsys.readouterr().err
