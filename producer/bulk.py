@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -769,13 +770,13 @@ class BulkRun:
         self._finished = finished
         # In flight or finished but not handed out: wait for (or re-read) their stored results.
         self._watch = {k: v for k, v in submitted.items() if k in self._items and k not in skip}
-        self._todo = [k for k in self._items if k not in submitted and k not in skip]
+        self._todo = deque(k for k in self._items if k not in submitted and k not in skip)
         self._submitted = len(submitted)
         self._done, self._failed = self._state.counters()
         self._session_base = self._done
         self._session_start = time.monotonic()
         self.skipped = len(skip & self._items.keys())
-        self.resubmitted = 0
+        self._requeue_expired()
         self._complete = False
 
     @property
@@ -856,25 +857,33 @@ class BulkRun:
             self._finish(acks, state)
 
     def _replay(self, waiter: _Waiter) -> list[JobResult]:
-        """Watch what earlier starts submitted; resubmit finished items whose result expired."""
-        ready = waiter.add(list(self._watch.values()))
-        got = {result.job_id for result in ready}
-        expired = [k for k, j in self._watch.items() if k in self._finished and j not in got]
-        if expired:
-            # Done before, but the stored result is gone (older than result_expires_s).
-            for key in expired:
-                waiter.drop(self._watch[key])
-            self._todo = expired + self._todo
-            self._submitted -= len(expired)  # counted again when they are sent
-            self.resubmitted = len(expired)
-        return ready
+        """Watch what earlier starts submitted: in flight, or finished and to be re-read."""
+        return waiter.add(list(self._watch.values()))
+
+    def _requeue_expired(self) -> None:
+        """Finished items to hand out again whose stored result is gone (older than
+        ``result_expires_s``): they are sent again, under the same job id."""
+        again = [key for key in self._watch if key in self._finished]
+        backend: Any = self._client._app.backend
+        expired: list[str] = []
+        for start in range(0, len(again), 1000):
+            keys = again[start : start + 1000]
+            pipe = self._client._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(backend.get_key_for_task(self._watch[key]).decode())
+            expired += [key for key, found in zip(keys, pipe.execute(), strict=True) if not found]
+        for key in expired:
+            del self._watch[key]
+        self._todo.extendleft(reversed(expired))
+        self._submitted -= len(expired)  # counted again when they are sent
+        self.resubmitted = len(expired)
 
     def _refill(self, waiter: _Waiter) -> list[JobResult]:
         """Send chunks until ``max_pending`` jobs are in flight; return results found on the way."""
         ready: list[JobResult] = []
         while self._todo and len(waiter) < self._max_pending and not self._stop.is_set():
             size = min(self._chunk, self._max_pending - len(waiter))
-            keys, self._todo = self._todo[:size], self._todo[size:]
+            keys = [self._todo.popleft() for _ in range(min(size, len(self._todo)))]
             ids = {key: job_id_for(self.run_id, key) for key in keys}
             # An earlier start may have sent some of these and died before recording them:
             # those whose result is stored are not sent again.

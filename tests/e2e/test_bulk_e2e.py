@@ -294,3 +294,17 @@ def test_cli_killed_hard_resumes_with_force(
     with out.open(newline="") as handle:
         items = [row["item"] for row in csv.DictReader(handle)]
     assert sorted(items) == sorted(uris)  # a torn last line was cut; nothing twice
+
+    # Another output file for the same run: results are replayed from Redis, nothing is sent,
+    # except an item whose stored result is gone (expired): that one is sent again.
+    ids = {job_id_for("killed-1", uri) for uri in uris}
+    before = deliveries(caption_worker, ids)
+    lost = job_id_for("killed-1", uris[0])
+    assert redis_client.delete(f"celery-task-meta-{lost}") == 1
+    other = tmp_path / "replayed.jsonl"
+    command[command.index(str(out))] = str(other)
+    replay = blipq(*command, env=env)
+    assert replay.returncode == 0, replay.stderr
+    assert "1 finished items lost their stored results: resubmitted" in replay.stderr
+    assert sorted(str(row["item"]) for row in jsonl(other)) == sorted(uris)
+    assert deliveries(caption_worker, ids) - before == Counter({lost: 1})
