@@ -1276,7 +1276,10 @@ def add_commands(sub: Any, make_client: ClientFactory) -> None:
         parser = kinds.add_parser(kind, help=_KIND_HELP[kind], description=_KIND_HELP[kind])
         _add_run_flags(parser)
         for flag, field, keywords in _KIND_FLAGS[kind]:
-            parser.add_argument(flag, dest=f"job_{field}", default=None, **keywords)
+            metavar = flag.removeprefix("--").replace("-", "_").upper()
+            parser.add_argument(
+                flag, dest=f"job_{field}", default=None, metavar=metavar, **keywords
+            )
         parser.set_defaults(func=lambda args: cmd_bulk(args, make_client))
 
     status = sub.add_parser(
@@ -1294,7 +1297,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", help=".jsonl or .csv: an image column plus job fields")
     parser.add_argument("--out", required=True, help="results file: .jsonl, .csv or .parquet")
     parser.add_argument("--run-id", help="name of the run (default: derived from the inputs)")
-    parser.add_argument("--model", dest="job_model", default=None, help="model for every job")
+    parser.add_argument(
+        "--model", dest="job_model", default=None, metavar="MODEL", help="model for every job"
+    )
     parser.add_argument(
         "--suffix", action="append", default=[], help="only keys ending so (e.g. .jpg; repeat)"
     )
