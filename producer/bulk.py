@@ -900,9 +900,9 @@ class BulkRun:
             return
         client = self._client
         with client._app.producer_or_acquire() as producer, producer.batch(max_size=len(jobs)):
-            # kombu's publish batch pipelines the chunk's LPUSHes into one round trip.
-            for job, job_id in jobs:
-                client._send(job, job_id, producer=producer)
+            # One round trip for the job ledger, one for the messages (kombu's publish batch
+            # pipelines the chunk's LPUSHes), as Client.submit_many does per chunk.
+            client._send_chunk(list(jobs), producer=producer)
 
     def _ack(self, acks: list[tuple[str, str]]) -> None:
         new_done, new_failed = self._state.mark_done(acks)
