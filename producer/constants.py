@@ -49,7 +49,7 @@ def queue_for(kind: str) -> str:
     return f"{QUEUE_PREFIX}{kind}"
 
 
-# --- bulk runs (producer/bulk.py) ----------------------------------------------------------------
+# --- bulk runs (producer/bulk/) ----------------------------------------------------------------
 # Every key of a run expires BULK_RUN_EXPIRES_S after the run's last activity (refreshed with each
 # heartbeat and each batch of finished items), like the results it points at.
 
