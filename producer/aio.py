@@ -27,6 +27,7 @@ from producer.constants import RESULTS_STREAM
 from producer.errors import ResultTimeout
 from producer.jobs import AnyJob, JobResult, decode_result
 from producer.stream import StreamEvent
+from producer.waiting import SWEEP_S
 
 # How many result keys one results() call subscribes to at a time (as Client.results).
 _SUBSCRIBE_CHUNK = 1000
@@ -105,11 +106,9 @@ class AsyncClient:
         try:
             keys = list(pending)
             await pubsub.subscribe(*keys)
-            for key, raw in zip(keys, await self._redis.mget(keys), strict=True):
-                result = self._sync._to_result(pending[key], raw)
-                if result is not None:
-                    del pending[key]
-                    yield result
+            for result in await self._read(pending):
+                yield result
+            last_read = time.monotonic()
             while pending:
                 wait = 1.0 if deadline is None else deadline - time.monotonic()
                 if wait <= 0:
@@ -118,15 +117,32 @@ class AsyncClient:
                     ignore_subscribe_messages=True, timeout=min(wait, 1.0)
                 )
                 if message is None:
+                    # A result published while a silent reconnect was under way is never
+                    # delivered (see producer.waiting): after a silence, read the keys again.
+                    if time.monotonic() - last_read >= SWEEP_S:
+                        for stored in await self._read(pending):
+                            yield stored
+                        last_read = time.monotonic()
                     continue
                 key = _text(message["channel"])
                 job_id = pending.get(key)
-                result = self._sync._to_result(job_id, message["data"]) if job_id else None
-                if result is not None:
+                done = self._sync._to_result(job_id, message["data"]) if job_id else None
+                if done is not None:
                     del pending[key]
-                    yield result
+                    yield done
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _read(self, pending: dict[str, str]) -> list[JobResult]:
+        """The stored results of pending jobs (removed from ``pending``)."""
+        keys = list(pending)
+        found = []
+        for key, raw in zip(keys, await self._redis.mget(keys), strict=True):
+            result = self._sync._to_result(pending[key], raw)
+            if result is not None:
+                del pending[key]
+                found.append(result)
+        return found
 
     def _key(self, job_id: str) -> str:
         backend: Any = self._sync._app.backend

@@ -17,6 +17,7 @@ from producer.errors import ResultTimeout
 from producer.jobs import JOB_KINDS, AnyJob, ErrorCode, JobResult, decode_result, encode_job
 from producer.stream import StreamEvent, follow
 from producer.transport import make_app
+from producer.waiting import ResultWaiter
 
 if TYPE_CHECKING:
     from producer.bulk import BulkRun
@@ -110,56 +111,25 @@ class Client:
     def results(self, job_ids: Sequence[str], timeout: float | None = None) -> Iterator[JobResult]:
         """Yield results as they complete (any order); ResultTimeout if some are still missing.
 
-        Uses the result backend's own publish-on-store: subscribe first, then read what is
-        already stored, then wait for messages, so no result can slip between the two.
+        Uses the result backend's own publish-on-store (see ``producer.waiting``): subscribe
+        first, then read what is already stored, then wait for messages.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         for start in range(0, len(job_ids), _SUBSCRIBE_CHUNK):
-            yield from self._results_chunk(job_ids[start : start + _SUBSCRIBE_CHUNK], deadline)
-
-    def _results_chunk(self, job_ids: Sequence[str], deadline: float | None) -> Iterator[JobResult]:
-        backend: Any = self._app.backend
-        keys = {backend.get_key_for_task(job_id).decode(): job_id for job_id in job_ids}
-        pending = dict(keys)
-        retry_s = 0.1
-        while pending:
+            waiter = self.waiter()
             try:
-                yield from self._wait_for(pending, deadline)
-            except redis.ConnectionError as exc:
-                # Redis restarted or the network blinked: resubscribe and re-read what is stored.
-                if deadline is not None and time.monotonic() > deadline:
-                    raise ResultTimeout(
-                        f"{len(pending)} results pending; Redis unreachable"
-                    ) from exc
-                time.sleep(retry_s)
-                retry_s = min(retry_s * 2, 2.0)
+                yield from waiter.add(job_ids[start : start + _SUBSCRIBE_CHUNK])
+                while len(waiter):
+                    wait = 1.0 if deadline is None else deadline - time.monotonic()
+                    if wait <= 0:
+                        raise ResultTimeout(f"{len(waiter)} results still pending")
+                    yield from waiter.wait(min(wait, 1.0))
+            finally:
+                waiter.close()
 
-    def _wait_for(self, pending: dict[str, str], deadline: float | None) -> Iterator[JobResult]:
-        """Subscribe, read what is already stored, then wait; ``pending`` shrinks as we go."""
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        try:
-            keys = list(pending)
-            pubsub.subscribe(*keys)
-            for key, raw in zip(keys, self._redis.mget(keys), strict=True):
-                result = self._to_result(pending[key], raw)
-                if result is not None:
-                    del pending[key]
-                    yield result
-            while pending:
-                wait = 1.0 if deadline is None else deadline - time.monotonic()
-                if wait <= 0:
-                    raise ResultTimeout(f"{len(pending)} results still pending")
-                message = pubsub.get_message(timeout=min(wait, 1.0))
-                if message is None:
-                    continue
-                key = message["channel"].decode()
-                job_id = pending.get(key)
-                result = self._to_result(job_id, message["data"]) if job_id else None
-                if result is not None:
-                    del pending[key]
-                    yield result
-        finally:
-            pubsub.close()
+    def waiter(self) -> ResultWaiter:
+        """A subscription that waits for the results of the jobs added to it."""
+        return ResultWaiter(self._redis, self._app.backend, self._to_result)
 
     def _to_result(self, job_id: str, raw: bytes | str | None) -> JobResult | None:
         """The final result in a stored meta record, or None while the job is not done."""

@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Queue
 
+import worker.kombu_fixes  # noqa: F401  (patches kombu on import)
 from producer.constants import queue_for
 from producer.transport import celery_config
 from worker.settings import get_settings

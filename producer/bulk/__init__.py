@@ -17,7 +17,7 @@ on resume they are read back, and items already in them are skipped.
 Producer side only: no torch, no worker code; the parsing and the progress math are pure.
 
 Modules: ``inputs`` (items, manifests), ``s3`` (prefix listing), ``run_ids``, ``progress``,
-``state`` (Redis), ``waiter`` (result subscription), ``run`` (``BulkRun``), ``outputs`` (result
+``state`` (Redis), ``run`` (``BulkRun``, waiting with ``producer.waiting``), ``outputs`` (result
 files), ``cli`` (``blipq bulk`` / ``blipq status``). The public names are re-exported here.
 """
 

@@ -18,8 +18,8 @@ from producer.bulk.inputs import BulkItem, items_from
 from producer.bulk.progress import Progress, compute_progress
 from producer.bulk.run_ids import _digest, check_run_id, content_digest, derive_run_id, job_id_for
 from producer.bulk.state import RunState
-from producer.bulk.waiter import _Waiter
 from producer.jobs import AnyJob, JobResult
+from producer.waiting import ResultWaiter
 
 if TYPE_CHECKING:
     from producer.client import Client
@@ -141,7 +141,7 @@ class BulkRun:
         return iteration
 
     def _run(self) -> Generator[BulkResult]:
-        waiter = _Waiter(self._client)
+        waiter = self._client.waiter()
         by_job = {job_id_for(self.run_id, key): key for key in self._items}
         acks: list[tuple[str, str]] = []
         last_ack = last_beat = last_result = time.monotonic()
@@ -184,7 +184,7 @@ class BulkRun:
             waiter.close()
             self._finish(acks, state)
 
-    def _replay(self, waiter: _Waiter) -> list[JobResult]:
+    def _replay(self, waiter: ResultWaiter) -> list[JobResult]:
         """Watch what earlier starts submitted: in flight, or finished and to be re-read."""
         return waiter.add(list(self._watch.values()))
 
@@ -206,7 +206,7 @@ class BulkRun:
         self._submitted -= len(expired)  # counted again when they are sent
         self.resubmitted = len(expired)
 
-    def _refill(self, waiter: _Waiter) -> list[JobResult]:
+    def _refill(self, waiter: ResultWaiter) -> list[JobResult]:
         """Send chunks until ``max_pending`` jobs are in flight; return results found on the way."""
         ready: list[JobResult] = []
         while self._todo and len(waiter) < self._max_pending and not self._stop.is_set():
