@@ -9,6 +9,7 @@ delivered. So a waiter that has heard nothing for ``sweep_s`` reads every pendin
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -109,10 +110,9 @@ class ResultWaiter:
         result = self._to_result(job_id, raw)
         if result is not None:
             del self._pending[key]
-            try:
+            # after a reconnect, the next subscription has only the pending keys
+            with contextlib.suppress(redis.ConnectionError):
                 self._pubsub.unsubscribe(key)
-            except redis.ConnectionError:
-                pass  # the next subscription (after a reconnect) has only the pending keys
         return result
 
     def _reconnect(self) -> list[JobResult]:
