@@ -3,8 +3,10 @@
 Pure Python (no Celery, no torch). Producers of items (worker threads) call ``submit`` and wait
 on the returned future; one model thread calls ``serve_forever`` (or a test calls ``poll``).
 A group of items is flushed when it holds ``max_size`` items or when its oldest item has waited
-``max_wait_s``. Items share a batch only when they share a key: the caller puts into the key
-everything that must be equal for one forward pass to serve them all.
+``max_wait_s``, or at once when the caller's ``idle(key)`` says no more items for it are on
+their way (a lone job at idle does not wait for a batch that cannot fill). Items share a batch
+only when they share a key: the caller puts into the key everything that must be equal for one
+forward pass to serve them all.
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ class Batcher:
         policy: Callable[[Hashable], BatchPolicy],
         *,
         clock: Clock = time.monotonic,
+        idle: Callable[[Hashable], bool] | None = None,
     ) -> None:
         self._run_batch = run
         self._policy = policy
         self._now = clock
+        self._idle = idle
         self._groups: dict[Hashable, _Group] = {}
         self._cond = threading.Condition()
         self._stopping = False
@@ -78,6 +82,11 @@ class Batcher:
             group.items.append(_Item(payload, future, self._now()))
             self._cond.notify()
         return future
+
+    def wake(self) -> None:
+        """Make the model thread look again (``idle`` may have changed)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def pending(self) -> int:
         with self._cond:
@@ -131,7 +140,8 @@ class Batcher:
             policy = self._policy(key)
             oldest = group.items[0].enqueued
             due = oldest + policy.max_wait_s
-            if force or len(group.items) >= policy.max_size or due <= now:
+            full = len(group.items) >= policy.max_size
+            if force or full or due <= now or (self._idle is not None and self._idle(key)):
                 if best is None or oldest < best[0]:
                     best = (oldest, key)
             elif next_due is None or due < next_due:

@@ -114,8 +114,13 @@ def _classify(exc: ClientError, ref: ImageRef) -> JobFailure:
     return ImageFailure(f"cannot read {ref.uri}: {code} {status}", code=ErrorCode.INVALID_IMAGE)
 
 
-def decode(data: bytes, limits: Limits) -> Image.Image:
-    """Decode bytes to an RGB image: EXIF orientation applied, first frame, alpha on white."""
+def decode(data: bytes, limits: Limits, draft_side: int | None = None) -> Image.Image:
+    """Decode bytes to an RGB image: EXIF orientation applied, first frame, alpha on white.
+
+    ``draft_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, far
+    cheaper than a full decode) as long as both sides stay at least this long. The worker asks
+    for twice the model's input side, so the resize to the input still averages over 2+ pixels.
+    """
     if not data:
         raise ImageFailure("the object is empty (0 bytes)", code=ErrorCode.INVALID_IMAGE)
     try:
@@ -129,6 +134,8 @@ def decode(data: bytes, limits: Limits) -> Image.Image:
                     code=ErrorCode.TOO_LARGE,
                 )
             image.seek(0)
+            if draft_side and image.format == "JPEG":
+                image.draft(None, (draft_side, draft_side))
             image.load()
     except ImageFailure:
         raise

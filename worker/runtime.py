@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from worker import images
 from worker.batcher import Batcher, BatchPolicy
 from worker.metrics import Metrics
 from worker.models import ModelRunner, Placement, load_runner
+from worker.oom import BatchSizeLimiter
 from worker.publish import DeliveryGuard, Publisher
 from worker.reaper import Reaper
 from worker.settings import Settings
@@ -63,7 +65,12 @@ class Runtime:
         self.publisher = Publisher(redis_client, maxlen=settings.stream_maxlen, expires_s=expires)
         self.deliveries = DeliveryGuard(redis_client, expires_s=expires)
         self.limits = images.Limits(settings.max_image_bytes, settings.max_image_pixels)
-        self.batcher = Batcher(self._run_batch, self._policy)
+        # Jobs per model between "taken" and "in the batcher" (fetching, decoding, preparing):
+        # when there are none, a waiting group cannot grow, so it runs without max_wait_ms.
+        self._preparing: Counter[str] = Counter()
+        self._preparing_lock = threading.Lock()
+        self.oom = BatchSizeLimiter()
+        self.batcher = Batcher(self._run_batch, self._policy, idle=self._nothing_preparing)
         self.metrics = Metrics()
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -164,11 +171,20 @@ class Runtime:
                 code=ErrorCode.UNKNOWN_MODEL,
             )
         queue_wait_ms = max(0.0, (time.time() - submitted_at) * 1000) if submitted_at else 0.0
-        data = images.fetch(self.s3, job.image_ref, self.limits, self.settings.s3_allowed_buckets)
-        image = images.decode(data, self.limits)
-        item = runner.prepare(job, image)
-        fetched = time.perf_counter()
-        future = self.batcher.submit((runner.name, runner.group_key(item)), item)
+        with self._preparing_lock:
+            self._preparing[runner.name] += 1
+        try:
+            data = images.fetch(
+                self.s3, job.image_ref, self.limits, self.settings.s3_allowed_buckets
+            )
+            image = images.decode(data, self.limits, self._draft_side(runner))
+            item = runner.prepare(job, image)
+            fetched = time.perf_counter()
+            future = self.batcher.submit((runner.name, runner.group_key(item)), item)
+        finally:
+            with self._preparing_lock:
+                self._preparing[runner.name] -= 1
+            self.batcher.wake()
         try:
             done: _Done = future.result(timeout=self.settings.task_time_limit_s)
         except FuturesTimeout as exc:
@@ -193,18 +209,25 @@ class Runtime:
             worker=self.worker_name,
         )
 
+    def _draft_side(self, runner: ModelRunner[Any]) -> int | None:
+        side = runner.input_side()
+        return 2 * side if side and self.settings.jpeg_draft else None
+
     # --- the model thread ------------------------------------------------------------------------
+
+    def _nothing_preparing(self, key: Hashable) -> bool:
+        return self._preparing[key[0]] <= 0  # type: ignore[index]
 
     def _policy(self, key: Hashable) -> BatchPolicy:
         spec = self.runners[key[0]].spec  # type: ignore[index]
         size = spec.max_batch_size or self.settings.max_batch_size
         wait_ms = spec.max_wait_ms if spec.max_wait_ms is not None else self.settings.max_wait_ms
-        return BatchPolicy(max_size=size, max_wait_s=wait_ms / 1000)
+        return BatchPolicy(max_size=self.oom.limit(spec.name, size), max_wait_s=wait_ms / 1000)
 
     def _run_batch(self, key: Hashable, items: list[Any]) -> Sequence[_Done]:
         runner = self.runners[key[0]]  # type: ignore[index]
         started = time.perf_counter()
-        outputs = runner.run_batch(items)
+        outputs = self.oom.run(runner.name, items, runner.run_batch)
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.metrics.observe_batch(runner.name, len(items))
         if runner.placement.device.type == "cuda":

@@ -78,6 +78,15 @@ class ModelRunner(ABC, Generic[J]):
     def run_batch(self, items: list[Any]) -> Sequence[Any]:
         """Run items that share a group key; return exactly one output per item, in order."""
 
+    def input_side(self) -> int | None:
+        """The longest side of the model's input images (None: unknown; decode at full size)."""
+        size = getattr(getattr(self, "image_processor", None), "size", None)
+        if size is None:
+            return None
+        sides = [size.get(k) for k in ("height", "width", "shortest_edge", "longest_edge")]
+        known = [int(side) for side in sides if side]
+        return max(known) if known else None
+
     @abstractmethod
     def warmup(self) -> None:
         """Run one small batch so the first real job does not pay for lazy initialisation."""
@@ -116,12 +125,14 @@ def load_runner(spec: ModelSpec, placement: Placement, *, warmup: bool) -> Model
     from worker.models.blip_caption import CaptionRunner
     from worker.models.blip_match import MatchRunner
     from worker.models.blip_vqa import VqaRunner
+    from worker.models.null import NullRunner
 
     families: dict[str, type[ModelRunner[Any]]] = {
         "caption": CaptionRunner,
         "vqa": VqaRunner,
         "match": MatchRunner,
         "blip2": Blip2Runner,
+        "null": NullRunner,
     }
     if spec.family not in families:
         raise ValueError(f"model {spec.name!r}: family {spec.family!r} is not available")

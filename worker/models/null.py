@@ -1,0 +1,65 @@
+"""The null model family: every step of a caption job except inference (a benchmark instrument).
+
+Served like any model (``BLIPQ_MODELS='{"null": {"source": "null", "family": "null"}}'``), it
+measures what the system itself costs per job: queue, S3 fetch, decode, the resize to the
+model's input size, batching, storing and publishing the result. ``prepare`` does the resize a
+BLIP image processor does (bicubic, to the input size) and keeps nothing but a tiny item;
+``run_batch`` returns one empty caption per item at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from producer.jobs import CaptionJob, CaptionOutput
+from worker.models.base import ModelRunner
+
+INPUT_SIZE = 384
+"""BLIP-base's input resolution (``BlipImageProcessor`` size), used unless the source names one."""
+
+
+@dataclass(frozen=True, slots=True)
+class NullItem:
+    job: CaptionJob
+    size: tuple[int, int]  # the resized image's (width, height): proof the resize ran
+
+
+@dataclass(frozen=True, slots=True)
+class NullOutput:
+    output: CaptionOutput
+
+
+class NullRunner(ModelRunner[CaptionJob]):
+    """Serves caption jobs with empty captions; costs only the preprocessing's resize."""
+
+    kinds = ("caption",)
+
+    def load(self) -> None:
+        # "null" or "null:224" (another input size); nothing is read from disk.
+        _, _, size = self.spec.source.partition(":")
+        self.input_size = int(size) if size.isdigit() else INPUT_SIZE
+
+    def prepare(self, job: CaptionJob, image: Image.Image) -> NullItem:
+        side = self.input_size
+        resized = image.resize((side, side), resample=Image.Resampling.BICUBIC)
+        return NullItem(job=job, size=resized.size)
+
+    def input_side(self) -> int | None:
+        return self.input_size
+
+    def group_key(self, item: NullItem) -> Hashable:
+        job = item.job
+        return (self.name, job.prompt, job.max_new_tokens, job.min_new_tokens, job.num_beams)
+
+    def run_batch(self, items: list[NullItem]) -> Sequence[NullOutput]:
+        return [
+            NullOutput(CaptionOutput(caption="", continuation="", prompt=item.job.prompt))
+            for item in items
+        ]
+
+    def warmup(self) -> None:
+        job = CaptionJob(image="s3://warm-up/x.jpg", model=self.name)
+        self.run_batch([self.prepare(job, Image.new("RGB", (64, 64)))])
