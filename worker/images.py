@@ -114,12 +114,18 @@ def _classify(exc: ClientError, ref: ImageRef) -> JobFailure:
     return ImageFailure(f"cannot read {ref.uri}: {code} {status}", code=ErrorCode.INVALID_IMAGE)
 
 
+MIN_DRAFT_SIDE = 512
+"""Never draft below this: smaller JPEGs decode in a few milliseconds anyway, and tiny models
+(32-96 px inputs) then see exactly the pixels a full decode gives."""
+
+
 def decode(data: bytes, limits: Limits, draft_side: int | None = None) -> Image.Image:
     """Decode bytes to an RGB image: EXIF orientation applied, first frame, alpha on white.
 
     ``draft_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, far
     cheaper than a full decode) as long as both sides stay at least this long. The worker asks
-    for twice the model's input side, so the resize to the input still averages over 2+ pixels.
+    for twice the model's input side (at least ``MIN_DRAFT_SIDE``), so the resize to the input
+    still averages over 2+ pixels.
     """
     if not data:
         raise ImageFailure("the object is empty (0 bytes)", code=ErrorCode.INVALID_IMAGE)

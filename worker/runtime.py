@@ -211,7 +211,9 @@ class Runtime:
 
     def _draft_side(self, runner: ModelRunner[Any]) -> int | None:
         side = runner.input_side()
-        return 2 * side if side and self.settings.jpeg_draft else None
+        if not side or not self.settings.jpeg_draft:
+            return None
+        return max(2 * side, images.MIN_DRAFT_SIDE)
 
     # --- the model thread ------------------------------------------------------------------------
 

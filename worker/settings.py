@@ -149,7 +149,8 @@ class Settings(ClientSettings):
     jpeg_draft: bool = Field(
         default=True,
         description="Decode large JPEGs at 1/2, 1/4 or 1/8 scale, never below twice the "
-        "model's input side (2.4x faster on 2400 px photos; pixels within 0.03 of full decode).",
+        "model's input side nor 512 px (2.4x faster on 2400 px photos; pixels within 0.03 "
+        "of a full decode).",
     )
 
     # --- delivery ---
