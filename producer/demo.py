@@ -79,7 +79,9 @@ def run_demo(model: str | None = None, count: int = 24) -> int:
         started = time.perf_counter()
         worker = WorkerProcess(env, cwd=REPO).start()
         print(f"worker ready in {time.perf_counter() - started:.1f}s (log: {worker.log_path})")
-        return _caption(redis_server.url, uris, count)
+        # the shapes model knows only shapes-world words: a prompt like "a picture of" is noise
+        prompts = (None,) if source == str(SHAPES_MODEL) else PROMPTS
+        return _caption(redis_server.url, uris, count, prompts)
     finally:
         if worker is not None:
             code = worker.stop()
@@ -89,12 +91,14 @@ def run_demo(model: str | None = None, count: int = 24) -> int:
         print("servers stopped")
 
 
-def _caption(redis_url: str, uris: list[str], count: int) -> int:
+def _caption(
+    redis_url: str, uris: list[str], count: int, prompts: tuple[str | None, ...] = PROMPTS
+) -> int:
     jobs = [
         CaptionJob(
             image=uris[i % len(uris)],
             model="demo-caption",
-            prompt=PROMPTS[i % len(PROMPTS)],
+            prompt=prompts[i % len(prompts)],
             max_new_tokens=20,
         )
         for i in range(count)
