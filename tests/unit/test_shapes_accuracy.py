@@ -25,7 +25,7 @@ from worker.models.blip_match import MatchRunner
 from worker.models.blip_vqa import VqaRunner
 from worker.settings import ModelSpec
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # about 3 minutes of CPU on 2 cores
 
 MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 CAPTION_SEED = 9_000_001
