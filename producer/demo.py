@@ -31,7 +31,10 @@ def _model_source(model: str | None) -> tuple[str, str]:
     if model:
         return model, "given with --model"
     if (SHAPES_MODEL / "config.json").is_file():
-        return str(SHAPES_MODEL), "the shapes-world fixture model (a test instrument)"
+        return str(SHAPES_MODEL), (
+            "the shapes-world fixture model: a test instrument that knows only coloured "
+            "circles, squares and triangles, and is still undertrained (README: Fixture models)"
+        )
     directory = Path(tempfile.mkdtemp(prefix="blipq-demo-model-"))
     subprocess.run(
         [sys.executable, "-m", "tests.fixtures.tiny", str(directory)], check=True, cwd=REPO
