@@ -34,11 +34,26 @@ UNDERTRAINED = pytest.mark.xfail(
 )
 
 
+# A Redis database of its own on the shared server: the session's other workers consume the same
+# queue names (blipq.caption, blipq.vqa, blipq.match) and would answer with unknown_model.
+DB = 12
+
+
+def _db_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
+
+
 @pytest.fixture(scope="module")
 def shapes_worker(redis_server: EmbeddedRedis, s3_server: EmbeddedS3) -> Iterator[WorkerProcess]:
     names = ["shapes-caption", "shapes-vqa", "shapes-match"]
     models = {name: str(MODELS / name) for name in names}
-    env = worker_env(redis_server, s3_server, models, BLIPQ_MAX_WAIT_MS="30")
+    env = worker_env(
+        redis_server,
+        s3_server,
+        models,
+        BLIPQ_REDIS_URL=_db_url(redis_server),
+        BLIPQ_MAX_WAIT_MS="30",
+    )
     worker = WorkerProcess(env, cwd=REPO).start()
     yield worker
     assert worker.stop() == 0, worker.log()[-5000:]
@@ -76,7 +91,7 @@ def system_run(
             MatchJob(image=uri, model="shapes-match", texts=texts),
         ]
         truths += [truth, answer, truth]
-    with Client(redis_url=redis_server.url) as client:
+    with Client(redis_url=_db_url(redis_server)) as client:
         ids = client.submit_many(jobs)
         results = {r.job_id: r for r in client.results(ids, timeout=600)}
     got = [results[i] for i in ids]
