@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -134,6 +135,20 @@ class EmbeddedS3:
     @property
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def client(self, pool: int = 10) -> Any:
+        """A boto3 S3 client for this server (path-style addressing, ``pool`` connections)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(max_pool_connections=pool, s3={"addressing_style": "path"}),
+        )
 
     def start(self) -> EmbeddedS3:
         weed = _tool("weed")

@@ -9,7 +9,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import redis
 
@@ -44,13 +43,7 @@ def s3_server() -> Iterator[EmbeddedS3]:
 
 @pytest.fixture(scope="session")
 def s3(s3_server: EmbeddedS3):  # type: ignore[no-untyped-def]
-    return boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-        region_name="us-east-1",
-    )
+    return s3_server.client()
 
 
 @pytest.fixture(scope="session")

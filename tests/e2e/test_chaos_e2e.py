@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import boto3
 import pytest
 import redis
 
@@ -28,13 +27,7 @@ PER_WAVE = 100
 def test_repeated_sigkill_loses_and_duplicates_nothing(
     s3_server: EmbeddedS3, tiny_caption_dir: Path
 ) -> None:
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-    )
+    s3 = s3_server.client()
     s3.create_bucket(Bucket="chaos")
     for index, data in enumerate(sample_jpegs(8, seed=111)):
         s3.put_object(Bucket="chaos", Key=f"{index}.jpg", Body=data)

@@ -7,7 +7,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 
 from producer import CaptionJob, Client, JobResult
@@ -24,13 +23,7 @@ def private_redis() -> Iterator[EmbeddedRedis]:
 
 
 def _upload(s3_server: EmbeddedS3, bucket: str, count: int) -> None:
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-    )
+    s3 = s3_server.client()
     s3.create_bucket(Bucket=bucket)
     for index, data in enumerate(sample_jpegs(count, seed=101)):
         s3.put_object(Bucket=bucket, Key=f"{index}.jpg", Body=data)
