@@ -67,8 +67,18 @@ class DeliveryGuard:
         self._redis = client
         self._expires_s = expires_s
 
-    def started(self, job_id: str) -> int:
-        """Record a start; return how many starts have not finished (1 on a first delivery)."""
+    def begin(self, job_id: str) -> int:
+        """How many earlier starts of this job did not finish. 0: a first delivery, now
+        recorded as started; otherwise nothing is recorded until ``restart``."""
+        key = DELIVERIES_KEY.format(job_id=job_id)
+        pipe = self._redis.pipeline()  # MULTI: the SET and the GET see the same state
+        pipe.set(key, 1, nx=True, ex=self._expires_s)
+        pipe.get(key)
+        first, count = pipe.execute()
+        return 0 if first else int(count or 0)
+
+    def restart(self, job_id: str) -> int:
+        """Record one more start of a job that was started before; return the starts so far."""
         key = DELIVERIES_KEY.format(job_id=job_id)
         pipe = self._redis.pipeline()
         pipe.incr(key)

@@ -29,6 +29,7 @@ from worker.metrics import Metrics
 from worker.models import ModelRunner, Placement, load_runner
 from worker.oom import BatchSizeLimiter
 from worker.publish import DeliveryGuard, Publisher
+from worker.quarantine import Quarantine
 from worker.reaper import Reaper
 from worker.settings import Settings
 
@@ -64,6 +65,7 @@ class Runtime:
         self.reaper: Reaper | None = None
         self.publisher = Publisher(redis_client, maxlen=settings.stream_maxlen, expires_s=expires)
         self.deliveries = DeliveryGuard(redis_client, expires_s=expires)
+        self.quarantine = Quarantine()  # suspects (redelivered after a crash) run alone
         self.limits = images.Limits(settings.max_image_bytes, settings.max_image_pixels)
         # Jobs per model between "taken" and "in the batcher" (fetching, decoding, preparing):
         # when there are none, a waiting group cannot grow, so it runs without max_wait_ms.

@@ -60,6 +60,19 @@ class ModelSpec(BaseModel):
     family: Literal["caption", "vqa", "match", "blip2", "null"]
     max_batch_size: int | None = Field(default=None, ge=1, le=1024)
     max_wait_ms: float | None = Field(default=None, ge=0, le=60_000)
+    crash_on: str | None = Field(default=None, min_length=1)
+    """Fault injection, null family only (poison-job drills and tests): the worker SIGKILLs
+    itself when a batch holds a job whose image URI contains this text. Never set in service."""
+
+    @model_validator(mode="after")
+    def _crash_only_for_drills(self) -> ModelSpec:
+        if self.crash_on is not None and self.family != "null":
+            raise ValueError(
+                f"model {self.name!r}: crash_on is fault injection for the null family only "
+                f"(a drill model such as {{'source': 'null', 'family': 'null', "
+                f"'crash_on': 'poison'}}), not for a {self.family} model"
+            )
+        return self
 
     @property
     def kinds(self) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Task, states
@@ -11,6 +12,8 @@ from producer.errors import Retryable
 from producer.jobs import ErrorCode, JobResult, encode_result
 from worker.app import app
 from worker.runtime import Runtime, get_runtime
+
+log = logging.getLogger(__name__)
 
 # Seconds before retry n of a transient failure (capped exponential backoff).
 _BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
@@ -32,22 +35,35 @@ class JobTask(Task):  # type: ignore[type-arg]
 def run_job(self: JobTask, job: Any = None, submitted_at: float | None = None) -> dict[str, Any]:
     runtime = get_runtime()
     job_id = str(self.request.id)
-    starts = runtime.deliveries.started(job_id)
-    if starts > 1:
-        # A redelivery: the last start did not finish (worker killed, or lost its connection).
-        stored = self.backend.get_task_meta(job_id)
-        if stored.get("status") == states.SUCCESS:
-            return dict(stored["result"])
-        if starts > runtime.settings.max_deliveries:
-            return _poison(runtime, job_id, job, starts)
+    with runtime.quarantine.shared():
+        earlier = runtime.deliveries.begin(job_id)
+        if not earlier:
+            return _run(self, runtime, job_id, job, submitted_at)
+    # A redelivery: an earlier start did not finish (its worker was killed, or lost its
+    # connection, while the job was in flight).
+    stored = self.backend.get_task_meta(job_id)
+    if stored.get("status") == states.SUCCESS:
+        return dict(stored["result"])
+    if earlier >= runtime.settings.max_deliveries:
+        return _poison(runtime, job_id, job, earlier)
+    # A suspect: it runs alone in this process, so a crash it causes counts against it alone.
+    log.warning("job %s: %d earlier start(s) did not finish; running it alone", job_id, earlier)
+    with runtime.quarantine.alone():
+        runtime.deliveries.restart(job_id)
+        return _run(self, runtime, job_id, job, submitted_at)
+
+
+def _run(
+    task: JobTask, runtime: Runtime, job_id: str, job: Any, submitted_at: float | None
+) -> dict[str, Any]:
     try:
         result = runtime.handle(job_id, job, submitted_at)
     except Retryable as exc:
-        attempt = self.request.retries
+        attempt = task.request.retries
         if attempt + 1 < runtime.settings.s3_max_attempts:
             runtime.deliveries.finished(job_id)
             countdown = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
-            raise self.retry(exc=exc, countdown=countdown) from exc
+            raise task.retry(exc=exc, countdown=countdown) from exc
         result = JobResult.failure(
             job_id,
             _kind(job),
@@ -60,7 +76,7 @@ def run_job(self: JobTask, job: Any = None, submitted_at: float | None = None) -
 
 def _poison(runtime: Runtime, job_id: str, job: Any, starts: int) -> dict[str, Any]:
     reason = (
-        f"started {starts - 1} times without finishing (it kills or stalls workers); "
+        f"started {starts} times without finishing (it kills or stalls workers); "
         f"not run again, payload moved to the {DEAD_LETTER} list"
     )
     runtime.deliveries.dead_letter(job_id, job, reason)

@@ -66,6 +66,8 @@ def test_poison_job_is_dead_lettered_after_bounded_deliveries(
     caption_worker: WorkerProcess, client: Client, redis_client: redis.Redis
 ) -> None:
     # Simulate the history of a job that killed its worker three times: three unfinished starts.
+    # (A quick check of the decision; test_poison_e2e.py has the real thing: a job that SIGKILLs
+    # its worker every time, restarted workers, redelivery by the visibility timeout.)
     job = CaptionJob(image="s3://poison/a.jpg", model="tiny-caption")
     job_id = "poison-job-1"
     redis_client.set(DELIVERIES_KEY.format(job_id=job_id), 3)
@@ -78,6 +80,26 @@ def test_poison_job_is_dead_lettered_after_bounded_deliveries(
         "s3://poison/a.jpg"
     ]
     # The start counter is cleared right after the result is stored (a bounded wait).
+    assert eventually(lambda: not redis_client.exists(DELIVERIES_KEY.format(job_id=job_id)))
+
+
+def test_a_job_redelivered_after_a_crash_runs_alone_and_completes(
+    caption_worker: WorkerProcess,
+    client: Client,
+    redis_client: redis.Redis,
+    s3,  # type: ignore[no-untyped-def]
+) -> None:
+    # The history of a job that was in flight when its worker died: one unfinished start.
+    s3.create_bucket(Bucket="suspect")
+    s3.put_object(Bucket="suspect", Key="a.jpg", Body=sample_jpegs(1, seed=10)[0])
+    job_id = "suspect-job-1"
+    redis_client.set(DELIVERIES_KEY.format(job_id=job_id), 1)
+    client.submit(CaptionJob(image="s3://suspect/a.jpg", model="tiny-caption"), job_id=job_id)
+    result = client.result(job_id, timeout=60)
+    assert result.ok, result.error
+    assert f"job {job_id}: 1 earlier start(s) did not finish; running it alone" in (
+        caption_worker.log()
+    )
     assert eventually(lambda: not redis_client.exists(DELIVERIES_KEY.format(job_id=job_id)))
 
 

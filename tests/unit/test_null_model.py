@@ -82,3 +82,35 @@ def test_a_lone_item_runs_at_once_when_nothing_else_is_on_its_way() -> None:
     assert batcher.poll()  # nothing else is coming: no max_wait for a batch that cannot fill
     assert first.result(0).output.caption == ""
     assert batcher.batch_sizes == {1: 1}
+
+
+def test_fault_injection_is_off_by_default_and_only_for_the_null_family() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    assert _runner().spec.crash_on is None
+    with pytest.raises(ValidationError, match="fault injection for the null family only"):
+        Settings(models={"cap": {"source": "/m", "family": "caption", "crash_on": "x"}})
+
+
+def test_crash_on_kills_the_worker_only_for_a_batch_with_a_marked_image(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    settings = Settings(
+        models={"drill": {"source": "null", "family": "null", "crash_on": "poison"}},
+        serve=["drill"],
+    )
+    (spec,) = settings.served()
+    runner = load_runner(spec, Placement.from_settings(settings), warmup=True)  # no crash
+    kills: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    image = Image.new("RGB", (32, 32))
+    ok = [
+        runner.prepare(CaptionJob(image=f"s3://drill/{i}.jpg", model="drill"), image)
+        for i in (1, 2)
+    ]
+    assert len(runner.run_batch(ok)) == 2 and kills == []
+    bad = runner.prepare(CaptionJob(image="s3://drill/poison-1.jpg", model="drill"), image)
+    runner.run_batch([ok[0], bad])
+    assert kills == [(os.getpid(), signal.SIGKILL)]

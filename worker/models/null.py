@@ -5,10 +5,19 @@ measures what the system itself costs per job: queue, S3 fetch, decode, the resi
 model's input size, batching, storing and publishing the result. ``prepare`` does the resize a
 BLIP image processor does (bicubic, to the input size) and keeps nothing but a tiny item;
 ``run_batch`` returns one empty caption per item at once.
+
+Fault injection (off unless a model map entry sets it; no other family accepts it): with
+``"crash_on": "TEXT"`` (``{"drill": {"source": "null", "family": "null", "crash_on": "poison"}}``)
+the model thread SIGKILLs its own worker process when a batch holds a job whose image URI contains
+TEXT, as a crashing decoder or a CUDA fault would: a real poison job, for drills and tests of
+redelivery and dead-lettering.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +25,8 @@ from PIL import Image
 
 from producer.jobs import CaptionJob, CaptionOutput
 from worker.models.base import ModelRunner
+
+log = logging.getLogger(__name__)
 
 INPUT_SIZE = 384
 """BLIP-base's input resolution (``BlipImageProcessor`` size), used unless the source names one."""
@@ -55,6 +66,13 @@ class NullRunner(ModelRunner[CaptionJob]):
         return (self.name, job.prompt, job.max_new_tokens, job.min_new_tokens, job.num_beams)
 
     def run_batch(self, items: list[NullItem]) -> Sequence[NullOutput]:
+        marker = self.spec.crash_on
+        if marker is not None and any(marker in item.job.image for item in items):
+            log.warning("fault injection: a job's image contains %r; killing this worker", marker)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self._outputs(items)
+
+    def _outputs(self, items: list[NullItem]) -> list[NullOutput]:
         return [
             NullOutput(CaptionOutput(caption="", continuation="", prompt=item.job.prompt))
             for item in items
@@ -62,4 +80,4 @@ class NullRunner(ModelRunner[CaptionJob]):
 
     def warmup(self) -> None:
         job = CaptionJob(image="s3://warm-up/x.jpg", model=self.name)
-        self.run_batch([self.prepare(job, Image.new("RGB", (64, 64)))])
+        self._outputs([self.prepare(job, Image.new("RGB", (64, 64)))])  # never a fault

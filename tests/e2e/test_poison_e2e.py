@@ -1,0 +1,165 @@
+"""A real poison job: one that kills its worker process every time it runs.
+
+The worker serves a drill model (the null family with ``crash_on``: fault injection that
+SIGKILLs the worker when a batch holds a job whose image URI contains the marker). A supervisor
+thread restarts the worker whenever it dies, as Kubernetes or systemd would. The poison job must
+be started exactly ``BLIPQ_MAX_DELIVERIES`` times (each start kills a worker, its message comes
+back after the visibility timeout), then get a ``poison`` error result and land in the
+dead-letter list, while every other job submitted around it completes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from producer import CaptionJob, Client, ErrorCode, JobResult, ResultTimeout
+from producer.constants import DEAD_LETTER, DELIVERIES_KEY, LEDGER, RESULTS_STREAM
+from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from tests.e2e.conftest import REPO, worker_env
+from tests.fixtures.images import sample_jpegs
+
+MAX_DELIVERIES = 3
+POISON = "s3://drill/poison-pill.jpg"
+
+
+class Supervisor:
+    """Keeps one worker running: restarts it each time it dies, and counts the deaths."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.worker = WorkerProcess(env, cwd=REPO, name="drill@%h").start()
+        self.deaths: list[int] = []  # exit codes of the workers that died
+        self.logs: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            proc = self.worker.proc
+            if proc is None or proc.poll() is None:
+                continue
+            self.deaths.append(proc.returncode)
+            self.logs.append(self.worker.log())
+            self.worker = WorkerProcess(self.env, cwd=REPO, name="drill@%h").start()
+
+    def stop(self) -> int | None:
+        self._stop.set()
+        self._thread.join()
+        code = self.worker.stop()
+        self.logs.append(self.worker.log())
+        return code
+
+
+@pytest.fixture
+def private_redis() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis().start()
+    yield server
+    server.close()
+
+
+def _upload(s3_server: EmbeddedS3) -> None:
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="drill")
+    images = sample_jpegs(5, seed=66)
+    for index, data in enumerate(images[:4]):
+        s3.put_object(Bucket="drill", Key=f"{index}.jpg", Body=data)
+    s3.put_object(Bucket="drill", Key=POISON.removeprefix("s3://drill/"), Body=images[4])
+
+
+def _jobs(count: int) -> list[CaptionJob]:
+    return [CaptionJob(image=f"s3://drill/{i % 4}.jpg", model="drill") for i in range(count)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_job_that_kills_its_worker_is_dead_lettered_and_the_queue_flows(
+    private_redis: EmbeddedRedis, s3_server: EmbeddedS3
+) -> None:
+    _upload(s3_server)
+    env = worker_env(
+        private_redis,
+        s3_server,
+        {"drill": {"source": "null", "family": "null", "crash_on": "poison-pill"}},  # type: ignore[dict-item]
+        BLIPQ_MAX_DELIVERIES=str(MAX_DELIVERIES),
+        # A killed worker's messages come back this long after they were taken.
+        BLIPQ_VISIBILITY_TIMEOUT_S="5",
+        BLIPQ_MAX_WAIT_MS="20",
+        BLIPQ_WARMUP="false",
+        # A worker killed between taking a message and recording it loses the message
+        # (kombu's Redis transport); the reaper sends such jobs again after this long.
+        BLIPQ_REAP_AFTER_S="20",
+        BLIPQ_REAP_INTERVAL_S="2",
+    )
+    supervisor = Supervisor(env)
+    client = Client(redis_url=private_redis.url)
+    store = redis.Redis.from_url(private_redis.url)
+    started = time.monotonic()
+    try:
+        before = client.submit_many(_jobs(20))
+        poison_id = client.submit(CaptionJob(image=POISON, model="drill"))
+        after = client.submit_many(_jobs(20))
+        results: dict[str, JobResult] = {}
+        ids = [*before, poison_id, *after]
+        try:
+            for result in client.results(ids, timeout=150):
+                assert result.job_id not in results
+                results[result.job_id] = result
+        except ResultTimeout:
+            missing = [i for i in ids if i not in results]
+            pytest.fail(f"no result for {_explain(store, missing, supervisor)}")
+        deaths_at_poison = len(supervisor.deaths)
+        # The queue flows on: jobs sent after the poison job was dead-lettered just run.
+        later = client.submit_many(_jobs(10))
+        later_results = list(client.results(later, timeout=60))
+    finally:
+        code = supervisor.stop()
+        client.close()
+    elapsed = time.monotonic() - started
+    logs = "\n".join(supervisor.logs)
+
+    poisoned = results.pop(poison_id)
+    assert poisoned.error is not None and poisoned.error.code is ErrorCode.POISON, poisoned
+    assert f"started {MAX_DELIVERIES} times without finishing" in poisoned.error.message
+    # Every start of the poison job killed a worker, and there were no more starts than that.
+    assert supervisor.deaths[:deaths_at_poison] == [-9] * MAX_DELIVERIES, (supervisor.deaths, logs)
+    assert logs.count("fault injection") == MAX_DELIVERIES
+    # Everything else completed, exactly once on the results stream.
+    others = {**results, **{r.job_id: r for r in later_results}}
+    assert len(others) == 50
+    assert all(r.ok for r in others.values()), Counter(
+        r.error.code for r in others.values() if r.error
+    )
+    events = Counter(f[b"job_id"].decode() for _, f in store.xrange(RESULTS_STREAM))
+    assert set(events) == {*others, poison_id} and max(events.values()) == 1
+    # The dead-letter list holds the poison job's payload, once; its start counter is gone.
+    dead = [json.loads(raw) for raw in store.lrange(DEAD_LETTER, 0, -1)]
+    assert [(d["job_id"], d["payload"]["image"]) for d in dead] == [(poison_id, POISON)]
+    assert not store.exists(DELIVERIES_KEY.format(job_id=poison_id))
+    assert len(supervisor.deaths) == deaths_at_poison  # no death after the dead-lettering
+    assert code == 0
+    store.close()
+    print(f"poison drill: {len(supervisor.deaths)} worker deaths, {elapsed:.1f}s")
+
+
+def _explain(store: redis.Redis, job_ids: list[str], supervisor: Supervisor) -> str:
+    """Where each job without a result is: start counter, ledger, held, queued, worker logs."""
+    held = " ".join(raw.decode(errors="replace") for raw in store.hvals("unacked"))
+    queued = " ".join(raw.decode(errors="replace") for raw in store.lrange("blipq.caption", 0, -1))
+    logs = "\n".join([*supervisor.logs, supervisor.worker.log()])
+    lines = []
+    for job_id in job_ids:
+        mentions = [line for line in logs.splitlines() if job_id in line]
+        lines.append(
+            f"{job_id}: starts={store.get(DELIVERIES_KEY.format(job_id=job_id))!r} "
+            f"ledger={store.zscore(LEDGER, job_id)} held={job_id in held} "
+            f"queued={job_id in queued} deaths={supervisor.deaths} log={mentions}"
+        )
+    return "\n".join(lines)
