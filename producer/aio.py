@@ -59,9 +59,12 @@ class AsyncClient:
         """Send one job (Celery's send in a thread); return its id."""
         return await asyncio.to_thread(self._sync.submit, job, job_id=job_id)
 
-    async def submit_many(self, jobs: Iterable[AnyJob]) -> list[str]:
-        """Send many jobs, one Redis round trip per ``submit_chunk`` (in a thread)."""
-        return await asyncio.to_thread(self._sync.submit_many, list(jobs))
+    async def submit_many(
+        self, jobs: Iterable[AnyJob], *, per_message: int | None = None
+    ) -> list[str]:
+        """Send many jobs, one Redis round trip per ``submit_chunk`` (in a thread);
+        ``per_message`` as in ``Client.submit_many``."""
+        return await asyncio.to_thread(self._sync.submit_many, list(jobs), per_message=per_message)
 
     # --- results ---------------------------------------------------------------------------------
 

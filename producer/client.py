@@ -11,8 +11,15 @@ import redis
 from celery import states
 
 from producer import ledger
+from producer.chunks import encode_chunk, group_messages
 from producer.config import ClientSettings
-from producer.constants import TASK_RUN_JOB, queue_for
+from producer.constants import (
+    CHUNK_JOBS_HEADER,
+    MAX_JOBS_PER_MESSAGE,
+    TASK_RUN_CHUNK,
+    TASK_RUN_JOB,
+    queue_for,
+)
 from producer.errors import ResultTimeout
 from producer.jobs import JOB_KINDS, AnyJob, ErrorCode, JobResult, decode_result, encode_job
 from producer.stream import StreamEvent, follow
@@ -61,27 +68,41 @@ class Client:
         self._send_chunk([(job, job_id)], producer=None)
         return job_id
 
-    def submit_many(self, jobs: Iterable[AnyJob]) -> list[str]:
+    def submit_many(self, jobs: Iterable[AnyJob], *, per_message: int | None = None) -> list[str]:
         """Send many jobs: per chunk of ``submit_chunk`` jobs, one round trip for the ledger
-        and one for the messages (kombu's publish batch pipelines the LPUSHes)."""
+        and one for the messages (kombu's publish batch pipelines the LPUSHes).
+
+        ``per_message`` (default ``jobs_per_message``): jobs of one kind carried by one broker
+        message (``producer.chunks``); every job still gets its own id, result and event.
+        """
         pending = [(job, str(uuid.uuid4())) for job in jobs]
         chunk = self.settings.submit_chunk
         with self._app.producer_or_acquire() as producer:
             for start in range(0, len(pending), chunk):
                 with producer.batch(max_size=chunk):
-                    self._send_chunk(pending[start : start + chunk], producer=producer)
+                    self._send_chunk(
+                        pending[start : start + chunk], producer=producer, per_message=per_message
+                    )
         return [job_id for _, job_id in pending]
 
     def _send(self, job: AnyJob, job_id: str, producer: Any) -> None:
         """Send one job under a given id (ledger write included)."""
         self._send_chunk([(job, job_id)], producer=producer)
 
-    def _send_chunk(self, jobs: list[tuple[AnyJob, str]], producer: Any) -> None:
+    def _send_chunk(
+        self, jobs: list[tuple[AnyJob, str]], producer: Any, per_message: int | None = None
+    ) -> None:
+        """Send one round trip's jobs: the ledger entries, then the messages (a job alone, or
+        chunk messages of up to ``per_message`` jobs of one kind)."""
+        size = per_message or self.settings.jobs_per_message
+        if not 1 <= size <= MAX_JOBS_PER_MESSAGE:
+            raise ValueError(f"per_message must be 1-{MAX_JOBS_PER_MESSAGE}, not {size}")
         now = time.time()
         messages = [
             (job, job_id, {"job": encode_job(job), "submitted_at": now}) for job, job_id in jobs
         ]
-        # The ledger first: a job is on record before any worker can take it.
+        # The ledger first: a job is on record before any worker can take it. Its entry holds
+        # the job as a message of its own, which is how the reaper sends a lost one again.
         pipe = self._redis.pipeline(transaction=False)
         # Scores rise by a microsecond per job so that ledger order is queue (FIFO) order.
         ledger.record(
@@ -89,15 +110,29 @@ class Client:
             [(job_id, kwargs, now + i * 1e-6) for i, (_, job_id, kwargs) in enumerate(messages)],
         )
         pipe.execute()
-        for job, job_id, kwargs in messages:
-            queue = queue_for(job.kind)
+        for group in group_messages(messages, lambda message: message[0].kind, size):
+            queue = queue_for(group[0][0].kind)
+            if len(group) == 1:
+                _, job_id, kwargs = group[0]
+                self._app.send_task(
+                    TASK_RUN_JOB,
+                    kwargs=kwargs,
+                    task_id=job_id,
+                    queue=queue,
+                    routing_key=queue,
+                    producer=producer,
+                )
+                continue
+            ids = [job_id for _, job_id, _ in group]
             self._app.send_task(
-                TASK_RUN_JOB,
-                kwargs=kwargs,
-                task_id=job_id,
+                TASK_RUN_CHUNK,
+                kwargs=encode_chunk([(job_id, kw["job"]) for _, job_id, kw in group], now),
+                task_id=str(uuid.uuid4()),
                 queue=queue,
                 routing_key=queue,
                 producer=producer,
+                headers={CHUNK_JOBS_HEADER: ids},
+                ignore_result=True,  # results are stored per job, under the jobs' ids
             )
 
     # --- results ---------------------------------------------------------------------------------
@@ -179,12 +214,14 @@ class Client:
         options: Mapping[str, Any] | None = None,
         max_pending: int = 2000,
         chunk: int | None = None,
+        per_message: int | None = None,
         idle_timeout_s: float | None = None,
         force: bool = False,
     ) -> BulkRun:
         """Start or resume a bulk run (``producer.bulk``): iterate it for results, poll
         ``progress()``. Image URIs become ``kind`` jobs with ``options``; a mapping names items.
         The same ``run_id`` (default: derived from the inputs) skips what an earlier start did.
+        ``per_message``: jobs per broker message (default ``jobs_per_message``), as in submit_many.
         """
         from producer.bulk import start_run
 
@@ -196,6 +233,7 @@ class Client:
             options=options,
             max_pending=max_pending,
             chunk=chunk,
+            per_message=per_message,
             idle_timeout_s=idle_timeout_s,
             force=force,
         )

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producer.constants import DEFAULT_REDIS_URL, RESULT_EXPIRES_S, SUBMIT_CHUNK
+from producer.constants import (
+    DEFAULT_REDIS_URL,
+    JOBS_PER_MESSAGE,
+    MAX_JOBS_PER_MESSAGE,
+    RESULT_EXPIRES_S,
+    SUBMIT_CHUNK,
+)
 
 
 class ClientSettings(BaseSettings):
@@ -26,6 +32,14 @@ class ClientSettings(BaseSettings):
     )
     submit_chunk: int = Field(
         default=SUBMIT_CHUNK, ge=1, le=10_000, description="Jobs per round trip in submit_many."
+    )
+    jobs_per_message: int = Field(
+        default=JOBS_PER_MESSAGE,
+        ge=1,
+        le=MAX_JOBS_PER_MESSAGE,
+        description="Jobs per broker message in submit_many and bulk runs (chunk messages; "
+        "1 = one message per job). Each job keeps its own id, result and event. Only once every "
+        "worker understands chunks; see Performance.",
     )
 
     @property

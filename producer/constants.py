@@ -8,6 +8,23 @@ QUEUE_PREFIX = "blipq."
 TASK_RUN_JOB = "blipq.run_job"
 """The Celery task name of one job; the task id is the job id."""
 
+TASK_RUN_CHUNK = "blipq.run_chunk"
+"""The Celery task name of a chunk message: several jobs of one kind in one broker message
+(``producer.chunks``). The task id is the chunk's own id (no result is stored under it); every job
+in it keeps its own id, ledger entry, result and stream event."""
+
+CHUNK_JOBS_HEADER = "blipq_jobs"
+"""Message header of a chunk message: the ids of its jobs, in order, so the reaper and a worker
+refusing the message can name them without decoding the body."""
+
+JOBS_PER_MESSAGE = 1
+"""Default jobs per broker message in ``Client.submit_many`` and bulk runs: one (no chunks), so
+producers work with workers that predate chunk messages."""
+
+MAX_JOBS_PER_MESSAGE = 1000
+"""Most jobs one chunk message may carry; a worker answers every job of a bigger one with
+``invalid_job``."""
+
 RESULTS_STREAM = "blipq:results"
 """Redis stream with one entry per finished job (job id, status, the result as JSON)."""
 
@@ -19,6 +36,10 @@ PUBLISHED_KEY = "blipq:published:{job_id}"
 
 DELIVERIES_KEY = "blipq:deliveries:{job_id}"
 """Counts starts of a job that have not finished; too many means the job kills workers."""
+
+CHUNK_STARTED_KEY = "blipq:chunk:{chunk_id}"
+"""Set when a worker first starts a chunk message (kept until it expires): a chunk that finds it
+set is a redelivery, whose unanswered jobs are sent on as messages of their own."""
 
 DEAD_LETTER = "blipq:dead"
 """List of JSON records (job id, payload, reason) of poison jobs, newest first."""

@@ -57,7 +57,7 @@ def build_config() -> dict[str, Any]:
     }
 
 
-app = Celery("blipq", include=["worker.tasks"])
+app = Celery("blipq", include=["worker.tasks", "worker.chunks"])
 app.add_defaults(build_config)
 
 

@@ -2,8 +2,9 @@
 
 Celery drops a message whose body is not JSON, or whose content type is refused (pickle),
 after logging it. A producer waiting on that job id would wait forever, so when the message
-names a blipq job we store an ``invalid_job`` result under its id, announce it on the results
-stream and dead-letter a safe description of it. The body is never deserialized.
+names blipq jobs (its own id, or a chunk message's ``CHUNK_JOBS_HEADER``) we store an
+``invalid_job`` result under each job's id, announce it on the results stream and dead-letter a
+safe description of the message. The body is never deserialized.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from typing import Any
 from celery import states
 from celery.worker.consumer import Consumer
 
-from producer.constants import TASK_RUN_JOB
+from producer.constants import (
+    CHUNK_JOBS_HEADER,
+    MAX_JOBS_PER_MESSAGE,
+    TASK_RUN_CHUNK,
+    TASK_RUN_JOB,
+)
 from producer.jobs import ErrorCode, JobResult, encode_result
 
 
@@ -29,19 +35,35 @@ class BlipqConsumer(Consumer):  # type: ignore[misc]
 
 def _refuse(app: Any, message: Any, reason: str) -> None:
     headers = message.headers or {}
-    job_id = headers.get("id")
-    if headers.get("task") != TASK_RUN_JOB or not isinstance(job_id, str):
+    job_ids = _job_ids(headers)
+    if not job_ids:
         return
     from worker.runtime import get_runtime
 
     runtime = get_runtime()
-    result = encode_result(
-        JobResult.failure(
-            job_id, "unknown", ErrorCode.INVALID_JOB, reason, worker=runtime.worker_name
+    for job_id in job_ids:
+        result = encode_result(
+            JobResult.failure(
+                job_id, "unknown", ErrorCode.INVALID_JOB, reason, worker=runtime.worker_name
+            )
         )
-    )
-    app.backend.store_result(job_id, result, states.SUCCESS)
-    runtime.publisher.publish(result)
+        app.backend.store_result(job_id, result, states.SUCCESS)
+        runtime.publisher.publish(result)
     body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
     described = {"content_type": message.content_type, "body_prefix": repr(body[:200])}
-    runtime.deliveries.dead_letter(job_id, described, reason)
+    if headers.get("task") == TASK_RUN_CHUNK:
+        described["jobs"] = job_ids
+    runtime.deliveries.dead_letter(str(headers.get("id")), described, reason)
+
+
+def _job_ids(headers: dict[str, Any]) -> list[str]:
+    """The blipq jobs a message carries, from its headers: one job, or a chunk's jobs."""
+    task = headers.get("task")
+    if task == TASK_RUN_JOB:
+        ids = [headers.get("id")]
+    elif task == TASK_RUN_CHUNK:
+        listed = headers.get(CHUNK_JOBS_HEADER)
+        ids = listed[:MAX_JOBS_PER_MESSAGE] if isinstance(listed, list) else []
+    else:
+        return []
+    return [i for i in ids if isinstance(i, str) and i]

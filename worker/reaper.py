@@ -2,8 +2,9 @@
 
 A job is lost when it is old (submitted more than ``reap_after_s`` ago), has no result, is
 not running (no start counter), is not held unacknowledged by any consumer (kombu puts those
-back itself after the visibility timeout), and is no longer in its queue. Queues are FIFO, so
-"no longer in the queue" is: the oldest message still waiting there was submitted after it.
+back itself after the visibility timeout; a held chunk message holds every job its header
+lists), and is no longer in its queue. Queues are FIFO, so "no longer in the queue" is: the
+oldest message still waiting there was submitted after it.
 Sending a job twice is harmless (results are stored under the job id, events are deduped);
 losing one is not.
 """
@@ -20,7 +21,14 @@ from typing import Any
 import redis
 
 from producer import ledger
-from producer.constants import DELIVERIES_KEY, LEDGER, LEDGER_PAYLOADS, REAPER_LOCK, queue_for
+from producer.constants import (
+    CHUNK_JOBS_HEADER,
+    DELIVERIES_KEY,
+    LEDGER,
+    LEDGER_PAYLOADS,
+    REAPER_LOCK,
+    queue_for,
+)
 from producer.jobs import JOB_KINDS
 
 log = logging.getLogger(__name__)
@@ -106,8 +114,7 @@ class Reaper:
         ids = set()
         for raw in self._redis.hvals("unacked"):
             try:
-                message = json.loads(raw)[0]
-                ids.add(str(message["headers"]["id"]))
+                ids.update(_message_jobs(json.loads(raw)[0]))
             except (ValueError, KeyError, IndexError, TypeError):
                 continue
         return ids
@@ -120,12 +127,22 @@ class Reaper:
             if raw is None:
                 continue
             try:
-                job_id = str(json.loads(raw)["headers"]["id"])
-            except (ValueError, KeyError, TypeError):
+                # A chunk's jobs were recorded in order: its first job is its oldest.
+                job_id = _message_jobs(json.loads(raw))[0]
+            except (ValueError, KeyError, IndexError, TypeError):
                 return float("-inf")  # cannot tell: assume nothing is lost
             score = self._redis.zscore(LEDGER, job_id)
             oldest = min(oldest, score if score is not None else float("-inf"))
         return oldest
+
+
+def _message_jobs(message: dict[str, Any]) -> list[str]:
+    """The job ids a queued message carries: its own id, or a chunk message's jobs."""
+    headers = message["headers"]
+    listed = headers.get(CHUNK_JOBS_HEADER)
+    if isinstance(listed, list):
+        return [str(job_id) for job_id in listed]
+    return [str(headers["id"])]
 
 
 def _text(value: Any) -> str:

@@ -107,6 +107,13 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pending", type=int, default=2000, help="jobs in flight at most")
     parser.add_argument("--chunk", type=int, default=None, help="jobs per Redis round trip")
     parser.add_argument(
+        "--per-message",
+        type=int,
+        default=None,
+        metavar="N",
+        help="jobs per broker message (chunk messages; default BLIPQ_JOBS_PER_MESSAGE, 1)",
+    )
+    parser.add_argument(
         "--idle-timeout", type=float, default=600.0, help="give up after this long with no result"
     )
     parser.add_argument(
@@ -172,6 +179,7 @@ def cmd_bulk(args: argparse.Namespace, make_client: ClientFactory) -> int:
                 source=source,
                 max_pending=args.max_pending,
                 chunk=args.chunk,
+                per_message=args.per_message,
                 idle_timeout_s=args.idle_timeout,
                 force=args.force,
             )

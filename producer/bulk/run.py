@@ -18,6 +18,7 @@ from producer.bulk.inputs import BulkItem, items_from
 from producer.bulk.progress import Progress, compute_progress
 from producer.bulk.run_ids import _digest, check_run_id, content_digest, derive_run_id, job_id_for
 from producer.bulk.state import RunState
+from producer.constants import MAX_JOBS_PER_MESSAGE
 from producer.jobs import AnyJob, JobResult
 from producer.waiting import ResultWaiter
 
@@ -53,6 +54,7 @@ class BulkRun:
         handled: Mapping[str, str] | None = None,
         max_pending: int = 2000,
         chunk: int | None = None,
+        per_message: int | None = None,
         idle_timeout_s: float | None = None,
         force: bool = False,
         poll_s: float = 0.5,
@@ -66,6 +68,9 @@ class BulkRun:
             raise BulkError("item keys must be unique in a run")
         self._max_pending = max_pending
         self._chunk = min(chunk or client.settings.submit_chunk, max_pending)
+        self._per_message = per_message or client.settings.jobs_per_message
+        if not 1 <= self._per_message <= MAX_JOBS_PER_MESSAGE:
+            raise BulkError(f"per_message must be 1-{MAX_JOBS_PER_MESSAGE}")
         self._idle_timeout_s = idle_timeout_s
         self._poll_s = poll_s
         self._stop = threading.Event()
@@ -230,7 +235,7 @@ class BulkRun:
         with client._app.producer_or_acquire() as producer, producer.batch(max_size=len(jobs)):
             # One round trip for the job ledger, one for the messages (kombu's publish batch
             # pipelines the chunk's LPUSHes), as Client.submit_many does per chunk.
-            client._send_chunk(list(jobs), producer=producer)
+            client._send_chunk(list(jobs), producer=producer, per_message=self._per_message)
 
     def _ack(self, acks: list[tuple[str, str]]) -> None:
         new_done, new_failed = self._state.mark_done(acks)
@@ -285,6 +290,7 @@ def start_run(
     options: Mapping[str, Any] | None = None,
     max_pending: int = 2000,
     chunk: int | None = None,
+    per_message: int | None = None,
     idle_timeout_s: float | None = None,
     force: bool = False,
 ) -> BulkRun:
@@ -299,6 +305,7 @@ def start_run(
         source=None,
         max_pending=max_pending,
         chunk=chunk,
+        per_message=per_message,
         idle_timeout_s=idle_timeout_s,
         force=force,
     )
@@ -315,6 +322,7 @@ def run_items(
     source: str | None,
     max_pending: int,
     chunk: int | None,
+    per_message: int | None,
     idle_timeout_s: float | None,
     force: bool,
 ) -> BulkRun:
@@ -337,6 +345,7 @@ def run_items(
         handled=handled,
         max_pending=max_pending,
         chunk=chunk,
+        per_message=per_message,
         idle_timeout_s=idle_timeout_s,
         force=force,
     )

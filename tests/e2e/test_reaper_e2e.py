@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from producer import CaptionJob, Client
-from producer.constants import DELIVERIES_KEY, LEDGER
+from producer.constants import CHUNK_JOBS_HEADER, DELIVERIES_KEY, LEDGER
 from producer.embedded import EmbeddedRedis
 from worker.reaper import Reaper
 
@@ -53,3 +53,33 @@ def test_reaper_resends_only_lost_jobs(server: EmbeddedRedis) -> None:
     assert resent[0][1]["job"]["image"] == "s3://bkt/3.jpg"
     assert r.zscore(LEDGER, ids[2]) is None  # the finished one is cleared from the ledger
     assert reaper.reap_once() == []  # re-sent jobs get a fresh wait, not a second resend... yet
+
+
+def test_reaper_reads_the_jobs_of_chunk_messages(server: EmbeddedRedis) -> None:
+    r = redis.Redis.from_url(server.url)
+    with Client(redis_url=server.url) as client:
+        ids = client.submit_many(
+            [CaptionJob(image=f"s3://bkt/{i}.jpg") for i in range(9)], per_message=3
+        )
+    assert r.zcard(LEDGER) == 9 and r.llen(QUEUE) == 3  # three chunk messages
+    resent: list[tuple[str, dict[str, Any]]] = []
+    reaper = Reaper(
+        r,
+        lambda job_id, kwargs: resent.append((job_id, kwargs)),
+        reap_after_s=60,
+        interval_s=1,
+        result_key=lambda i: f"celery-task-meta-{i}",
+        clock=lambda: 10**12,
+    )
+    assert reaper.reap_once() == []  # a chunk at the queue's tail: its jobs are still queued
+
+    first = json.loads(r.rpop(QUEUE))  # type: ignore[arg-type]
+    assert first["headers"][CHUNK_JOBS_HEADER] == ids[:3]
+    r.hset("unacked", "tag-1", json.dumps([first, "", QUEUE]))  # held: all three jobs are
+    # The second chunk was taken by a consumer that died before recording it: its jobs are lost
+    # and are sent again one by one, as messages of their own.
+    r.rpop(QUEUE)
+    assert sorted(reaper.reap_once()) == sorted(ids[3:6])
+    assert [kwargs["job"]["image"] for _, kwargs in sorted(resent)] == [
+        f"s3://bkt/{i}.jpg" for i in sorted(range(3, 6), key=lambda i: ids[i])
+    ]

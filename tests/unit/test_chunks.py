@@ -1,0 +1,302 @@
+"""Chunk messages: grouping and the wire format (producer), and the worker's expansion of a chunk
+into jobs with fakes for Redis, the result backend and the runtime (no servers)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from celery import states
+from celery.exceptions import Reject
+
+from producer import CaptionJob, ErrorCode, JobResult
+from producer.chunks import ChunkEntry, decode_chunk, encode_chunk, group_messages
+from producer.constants import MAX_JOBS_PER_MESSAGE, TASK_RUN_JOB
+from producer.errors import InvalidJob, Retryable
+from producer.jobs import CaptionOutput, decode_job, encode_job, encode_result
+from worker.chunks import ChunkRunner
+
+# --- producer side ---------------------------------------------------------------------------
+
+
+def test_one_per_message_keeps_order() -> None:
+    assert group_messages(["a", "b", "c"], lambda _: "k", 1) == [["a"], ["b"], ["c"]]
+
+
+def test_messages_hold_one_kind_in_order_and_at_most_per_message() -> None:
+    items = [("caption", 1), ("vqa", 2), ("caption", 3), ("caption", 4), ("vqa", 5), ("match", 6)]
+    groups = group_messages(items, lambda item: item[0], 2)
+    assert groups == [
+        [("caption", 1), ("caption", 3)],  # full: sent first
+        [("vqa", 2), ("vqa", 5)],
+        [("caption", 4)],  # the rest, by the kind's first appearance
+        [("match", 6)],
+    ]
+    flat = sorted(item for group in groups for item in group)
+    assert flat == sorted(items)
+    assert all(len({kind for kind, _ in g}) == 1 for g in groups)
+
+
+def test_per_message_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        group_messages([1], lambda _: "k", 0)
+
+
+def test_chunk_round_trip() -> None:
+    payload = encode_job(CaptionJob(image="s3://b-1/a.jpg"))
+    kwargs = encode_chunk([("id-1", payload), ("id-2", {"kind": "caption"})], 12.5)
+    assert kwargs["submitted_at"] == 12.5
+    chunk = decode_chunk(kwargs["jobs"])
+    assert chunk.entries == [ChunkEntry("id-1", payload), ChunkEntry("id-2", {"kind": "caption"})]
+    assert chunk.problems == [] and chunk.refusal is None
+
+
+@pytest.mark.parametrize(
+    ("jobs", "ids", "problem"),
+    [
+        ([{"job": {}}, {"job_id": "ok", "job": {}}], ["ok"], "entry 0: no job id"),
+        ([{"job_id": 7}], [], "entry 0: no job id"),
+        (["x", {"job_id": "", "job": {}}], [], "entry 1: no job id"),
+        ([{"job_id": "x" * 201}], [], "no job id"),
+        ([{"job_id": "a"}, {"job_id": "a"}], ["a"], "entry 1: job id 'a' repeats"),
+    ],
+)
+def test_entries_nobody_can_be_answered_for_are_reported(
+    jobs: list[Any], ids: list[str], problem: str
+) -> None:
+    chunk = decode_chunk(jobs)
+    assert [e.job_id for e in chunk.entries] == ids
+    assert any(problem in p for p in chunk.problems), chunk.problems
+    assert chunk.refusal is None
+
+
+def test_a_chunk_that_is_not_a_list_is_refused() -> None:
+    chunk = decode_chunk({"job_id": "a"})
+    assert chunk.entries == [] and chunk.refusal and "not a list" in chunk.problems[0]
+
+
+def test_an_oversized_chunk_is_refused_with_its_ids() -> None:
+    jobs = [{"job_id": f"j{i}", "job": {}} for i in range(MAX_JOBS_PER_MESSAGE + 1)]
+    chunk = decode_chunk(jobs)
+    assert len(chunk.entries) == MAX_JOBS_PER_MESSAGE + 1
+    assert chunk.refusal is not None and str(MAX_JOBS_PER_MESSAGE) in chunk.refusal
+
+
+# --- worker side: fakes ------------------------------------------------------------------------
+
+
+@dataclass
+class FakeDeliveries:
+    starts: dict[str, int] = field(default_factory=dict)
+    completed_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)
+    dead: list[tuple[str, object, str]] = field(default_factory=list)
+
+    def begin(self, job_id: str) -> int:
+        earlier = self.starts.get(job_id, 0)
+        if not earlier:
+            self.starts[job_id] = 1
+        return earlier
+
+    def finished(self, job_id: str) -> None:
+        self.finished_ids.append(job_id)
+        self.starts.pop(job_id, None)
+
+    def completed(self, job_id: str) -> None:
+        self.completed_ids.append(job_id)
+        self.starts.pop(job_id, None)
+
+    def dead_letter(self, job_id: str, payload: object, reason: str) -> None:
+        self.dead.append((job_id, payload, reason))
+
+
+@dataclass
+class FakePublisher:
+    published: set[str] = field(default_factory=set)
+    events: list[str] = field(default_factory=list)
+
+    def publish(self, result: dict[str, Any]) -> bool:
+        job_id = result["job_id"]
+        if job_id in self.published:
+            return False
+        self.published.add(job_id)
+        self.events.append(job_id)
+        return True
+
+
+class FakeRedis:
+    def __init__(self) -> None:
+        self.keys: dict[str, object] = {}
+
+    def set(self, key: str, value: object, *, nx: bool = False, ex: int | None = None) -> bool:
+        if nx and key in self.keys:
+            return False
+        self.keys[key] = value
+        return True
+
+
+class FakeQuarantine:
+    def __init__(self) -> None:
+        self.inside = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.inside += 1
+        yield
+
+
+@dataclass
+class FakeSettings:
+    s3_max_attempts: int = 7
+    result_expires_s: int = 3600
+
+
+class FakeRuntime:
+    """Runs a job the way Runtime.handle answers it: ok, or a failure with its error code."""
+
+    worker_name = "test:1"
+
+    def __init__(self) -> None:
+        self.redis = FakeRedis()
+        self.deliveries = FakeDeliveries()
+        self.publisher = FakePublisher()
+        self.quarantine = FakeQuarantine()
+        self.settings = FakeSettings()
+        self.handled: list[str] = []
+        self._lock = threading.Lock()
+
+    def handle(self, job_id: str, payload: object, submitted_at: float | None) -> JobResult:
+        with self._lock:
+            self.handled.append(job_id)
+        try:
+            job = decode_job(payload)
+        except InvalidJob as exc:
+            return JobResult.failure(job_id, "caption", ErrorCode.INVALID_JOB, exc.message)
+        if "flaky" in job.image:
+            raise Retryable("S3 is down")
+        if "broken" in job.image:
+            raise RuntimeError("Redis went away")  # handle never raises this; a bug would
+        output = CaptionOutput(caption=job.image, continuation=job.image)
+        return JobResult(job_id=job_id, kind="caption", status="ok", output=output)
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.stored: dict[str, dict[str, Any]] = {}
+
+    def store_result(self, job_id: str, result: dict[str, Any], state: str) -> None:
+        self.stored[job_id] = {"status": state, "result": result}
+
+    def get_key_for_task(self, job_id: str) -> str:
+        return f"meta-{job_id}"
+
+    def mget(self, keys: list[str]) -> list[dict[str, Any] | None]:
+        return [self.stored.get(key.removeprefix("meta-")) for key in keys]
+
+    def decode_result(self, raw: dict[str, Any]) -> dict[str, Any]:
+        return raw
+
+
+@pytest.fixture
+def parts() -> Iterator[tuple[ChunkRunner, FakeRuntime, FakeBackend, list[dict[str, Any]]]]:
+    runtime, backend, sent = FakeRuntime(), FakeBackend(), []
+
+    def send_task(name: str, **options: Any) -> None:
+        sent.append({"name": name, **options})
+
+    runner = ChunkRunner(runtime, threads=4, backend=backend, send_task=send_task)  # type: ignore[arg-type]
+    yield runner, runtime, backend, sent
+    runner.close()
+
+
+def _chunk(*images: str) -> list[dict[str, Any]]:
+    jobs = [encode_job(CaptionJob(image=f"s3://b-1/{image}")) for image in images]
+    return encode_chunk([(f"job-{i}", job) for i, job in enumerate(jobs)], 100.0)["jobs"]
+
+
+def test_every_job_of_a_chunk_gets_its_own_result_and_event(parts: Any) -> None:
+    runner, runtime, backend, sent = parts
+    jobs = _chunk("a.jpg", "b.jpg", "c.jpg")
+    jobs.insert(1, {"job_id": "bad", "job": {"kind": "caption", "image": "http://x"}})
+    assert runner.run("chunk-1", jobs, 100.0, "blipq.caption") == 4
+    assert set(backend.stored) == {"job-0", "bad", "job-1", "job-2"}
+    assert all(m["status"] == states.SUCCESS for m in backend.stored.values())
+    assert backend.stored["job-1"]["result"]["output"]["caption"] == "s3://b-1/b.jpg"
+    bad = backend.stored["bad"]["result"]
+    assert bad["status"] == "error" and bad["error"]["code"] == "invalid_job"  # it fails alone
+    assert sorted(runtime.publisher.events) == sorted(backend.stored)
+    assert sorted(runtime.deliveries.completed_ids) == sorted(backend.stored)
+    assert runtime.deliveries.starts == {}  # every start finished
+    assert runtime.quarantine.inside == 4  # each job ran under the shared quarantine
+    assert sent == []
+
+
+def test_a_redelivered_chunk_answers_stored_jobs_and_sends_the_rest_alone(parts: Any) -> None:
+    runner, runtime, backend, sent = parts
+    jobs = _chunk("a.jpg", "b.jpg", "c.jpg")
+    # The first delivery: job-0 was answered (and announced), then the worker died.
+    runtime.redis.set("blipq:chunk:chunk-2", 1)
+    done = JobResult(job_id="job-0", kind="caption", status="ok")
+    backend.store_result("job-0", encode_result(done), states.SUCCESS)
+    runtime.publisher.publish(encode_result(done))
+    runtime.deliveries.starts["job-1"] = 1  # in flight when the worker died: a suspect
+
+    assert runner.run("chunk-2", jobs, 100.0, "blipq.caption") == 1
+    assert runtime.handled == []  # nothing runs again in the chunk
+    assert runtime.publisher.events == ["job-0"]  # no second event
+    assert runtime.deliveries.completed_ids == ["job-0"]
+    assert [(s["name"], s["task_id"], s["queue"]) for s in sent] == [
+        (TASK_RUN_JOB, "job-1", "blipq.caption"),
+        (TASK_RUN_JOB, "job-2", "blipq.caption"),
+    ]
+    assert sent[0]["kwargs"] == {"job": jobs[1]["job"], "submitted_at": 100.0}
+    assert runtime.deliveries.starts == {"job-1": 1}  # run_job counts it; the split did not
+
+
+def test_a_job_started_before_is_sent_alone_for_run_job_to_judge(parts: Any) -> None:
+    runner, runtime, backend, sent = parts
+    runtime.deliveries.starts["job-1"] = 2
+    assert runner.run("chunk-3", _chunk("a.jpg", "b.jpg"), 100.0, "blipq.caption") == 1
+    assert set(backend.stored) == {"job-0"}
+    assert [s["task_id"] for s in sent] == ["job-1"]
+    assert runtime.deliveries.starts == {"job-1": 2}  # not counted here
+
+
+def test_a_transient_failure_is_retried_as_a_message_of_its_own(parts: Any) -> None:
+    runner, runtime, backend, sent = parts
+    assert runner.run("chunk-4", _chunk("a.jpg", "flaky.jpg"), 100.0, "blipq.caption") == 1
+    assert set(backend.stored) == {"job-0"}
+    assert [(s["task_id"], s["retries"], s["countdown"]) for s in sent] == [("job-1", 1, 1.0)]
+    assert runtime.deliveries.finished_ids == ["job-1"]
+
+
+def test_a_transient_failure_with_no_retries_left_is_a_result(parts: Any) -> None:
+    runner, runtime, backend, sent = parts
+    runtime.settings.s3_max_attempts = 1
+    runner.run("chunk-5", _chunk("flaky.jpg"), 100.0, "blipq.caption")
+    result = backend.stored["job-0"]["result"]
+    assert result["error"]["code"] == ErrorCode.STORAGE_UNAVAILABLE.value and sent == []
+
+
+def test_a_job_without_a_result_puts_the_chunk_back(parts: Any) -> None:
+    runner, _runtime, backend, _sent = parts
+    with pytest.raises(Reject) as info:
+        runner.run("chunk-6", _chunk("a.jpg", "broken.jpg"), 100.0, "blipq.caption")
+    assert info.value.requeue
+    assert set(backend.stored) == {"job-0"}  # the others were answered before the reject
+
+
+def test_a_refused_chunk_answers_each_job_with_invalid_job(parts: Any) -> None:
+    runner, runtime, backend, _sent = parts
+    jobs = [{"job_id": f"j{i}", "job": {}} for i in range(MAX_JOBS_PER_MESSAGE + 1)]
+    jobs.append({"no": "id"})
+    runner.run("chunk-7", jobs, None, "blipq.caption")
+    assert len(backend.stored) == MAX_JOBS_PER_MESSAGE + 1
+    assert {m["result"]["error"]["code"] for m in backend.stored.values()} == {"invalid_job"}
+    assert runtime.handled == []
+    [(chunk_id, payload, reason)] = runtime.deliveries.dead
+    assert chunk_id == "chunk-7" and "no job id" in reason and payload

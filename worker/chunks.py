@@ -1,0 +1,231 @@
+"""Chunk messages on the worker: one broker message, many jobs, each answered on its own.
+
+A chunk (``producer.chunks``) is expanded into its jobs. A pool of ``concurrency`` threads runs
+them through ``Runtime.handle`` (fetch, decode, then the batcher, where they batch with every other
+producer's jobs), and each job's result is stored under its own id, announced on the stream and
+cleared from the ledger as soon as it is ready, exactly as a job of its own would be. The message
+is acknowledged after the last of its jobs has a result (or a message of its own, below).
+
+A job of a chunk keeps the guarantees of a job of its own:
+
+- Starts are counted per job, as the pool starts it (``DeliveryGuard.begin``), under the same
+  ``Quarantine`` as single jobs; a job with earlier unfinished starts is a suspect and is sent on
+  as a message of its own, where ``run_job`` judges it (stored result, poison, run alone).
+- A transiently failing job is retried as a message of its own (Celery's retry is per message).
+- A redelivered chunk (its worker died or lost its connection mid-chunk: the chunk's start
+  marker is already set) is not run again: jobs whose result is stored are announced again
+  (deduplicated) and cleared, every other job is sent on as a message of its own. So no answered
+  job gets a second result, and a job that kills workers is isolated and counted alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from celery import Task, signals, states
+from celery.exceptions import Reject
+
+from producer.chunks import ChunkEntry, decode_chunk
+from producer.constants import CHUNK_STARTED_KEY, TASK_RUN_CHUNK, TASK_RUN_JOB, queue_for
+from producer.errors import Retryable
+from producer.jobs import JOB_KINDS, ErrorCode, JobResult, encode_result
+from worker.app import app
+from worker.runtime import Runtime, get_runtime
+from worker.tasks import _BACKOFF_S, _kind
+
+log = logging.getLogger(__name__)
+
+
+class ChunkTask(Task):  # type: ignore[type-arg]
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True  # results are stored per job, under the jobs' ids
+
+
+@app.task(base=ChunkTask, bind=True, name=TASK_RUN_CHUNK)  # type: ignore[untyped-decorator]
+def run_chunk(self: ChunkTask, jobs: Any = None, submitted_at: Any = None) -> int:
+    """Run every job of a chunk message; return how many were answered here."""
+    queue = (self.request.delivery_info or {}).get("routing_key")
+    sent_at = float(submitted_at) if isinstance(submitted_at, int | float) else None
+    return get_chunk_runner().run(str(self.request.id), jobs, sent_at, queue)
+
+
+class ChunkRunner:
+    """Expands chunk messages into jobs on a thread pool shared by every chunk of the process."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        threads: int,
+        backend: Any = None,
+        send_task: Callable[..., Any] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="blipq-chunk")
+        # Celery's result backend and send_task unless a test gives its own.
+        self._given_backend = backend
+        self._send_task = send_task or app.send_task
+
+    @property
+    def _backend(self) -> Any:
+        return self._given_backend if self._given_backend is not None else app.backend
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def run(
+        self, chunk_id: str, jobs: object, submitted_at: float | None, queue: str | None
+    ) -> int:
+        chunk = decode_chunk(jobs)
+        if chunk.problems:
+            reason = f"chunk message {chunk_id}: " + "; ".join(chunk.problems[:5])
+            log.warning("%s", reason)
+            self.runtime.deliveries.dead_letter(chunk_id, {"problems": chunk.problems}, reason)
+        if chunk.refusal is not None:
+            for entry in chunk.entries:
+                failure = JobResult.failure(
+                    entry.job_id,
+                    _kind(entry.payload),
+                    ErrorCode.INVALID_JOB,
+                    chunk.refusal,
+                    worker=self.runtime.worker_name,
+                )
+                self._answer(entry.job_id, encode_result(failure))
+            return len(chunk.entries)
+        if not self._first_start(chunk_id):
+            return self._split(chunk_id, chunk.entries, submitted_at, queue)
+        futures = [
+            self._pool.submit(self._one, entry, submitted_at, queue) for entry in chunk.entries
+        ]
+        answered, failures = 0, []
+        for future in futures:
+            try:
+                answered += future.result()
+            except Exception as exc:  # a Redis error, a bug: not a result for the job
+                failures.append(exc)
+        if failures:
+            log.error("chunk %s: %d jobs failed without a result", chunk_id, len(failures))
+            # Back to the queue: the redelivery answers what is stored and sends the rest alone.
+            raise Reject(failures[0], requeue=True)
+        return answered
+
+    def _first_start(self, chunk_id: str) -> bool:
+        """Mark the chunk started; False if it was started before (this is a redelivery)."""
+        key = CHUNK_STARTED_KEY.format(chunk_id=chunk_id)
+        # Kept until it expires: a chunk redelivered after its jobs were answered (the worker
+        # died before acknowledging it) must not run them again.
+        return bool(
+            self.runtime.redis.set(key, 1, nx=True, ex=self.runtime.settings.result_expires_s)
+        )
+
+    def _one(self, entry: ChunkEntry, submitted_at: float | None, queue: str | None) -> int:
+        """Run one job of a first delivery; 1 if it was answered here, 0 if sent on alone."""
+        runtime = self.runtime
+        job_id = entry.job_id
+        with runtime.quarantine.shared():
+            if runtime.deliveries.begin(job_id):
+                # Started before and never finished: a suspect, for run_job to judge alone.
+                self._send_alone(entry, submitted_at, queue)
+                return 0
+            try:
+                result = runtime.handle(job_id, entry.payload, submitted_at)
+            except Retryable as exc:
+                if runtime.settings.s3_max_attempts > 1:
+                    runtime.deliveries.finished(job_id)
+                    # Attempt 2 onwards, as run_job's retries: a message of its own.
+                    self._send_alone(entry, submitted_at, queue, countdown=_BACKOFF_S[0], retries=1)
+                    return 0
+                result = JobResult.failure(
+                    job_id,
+                    _kind(entry.payload),
+                    ErrorCode.STORAGE_UNAVAILABLE,
+                    f"{exc.message} (gave up after 1 attempts)",
+                    worker=runtime.worker_name,
+                )
+            self._answer(job_id, encode_result(result))
+        return 1
+
+    def _answer(self, job_id: str, result: dict[str, Any]) -> None:
+        """Store, announce, clear: what Celery and ``JobTask.on_success`` do for a single job."""
+        self._backend.store_result(job_id, result, states.SUCCESS)
+        self.runtime.publisher.publish(result)
+        self.runtime.deliveries.completed(job_id)
+
+    def _split(
+        self,
+        chunk_id: str,
+        entries: Sequence[ChunkEntry],
+        submitted_at: float | None,
+        queue: str | None,
+    ) -> int:
+        """A redelivered chunk: announce the stored results, send every other job alone."""
+        backend = self._backend
+        stored = (
+            backend.mget([backend.get_key_for_task(e.job_id) for e in entries]) if entries else []
+        )
+        answered = 0
+        for entry, raw in zip(entries, stored, strict=True):
+            meta = backend.decode_result(raw) if raw is not None else {}
+            if meta.get("status") == states.SUCCESS:
+                self.runtime.publisher.publish(meta["result"])  # once: no second event
+                self.runtime.deliveries.completed(entry.job_id)
+                answered += 1
+            else:
+                self._send_alone(entry, submitted_at, queue)
+        log.warning(
+            "chunk %s was redelivered: %d jobs already answered, %d sent on alone",
+            chunk_id,
+            answered,
+            len(entries) - answered,
+        )
+        return answered
+
+    def _send_alone(
+        self,
+        entry: ChunkEntry,
+        submitted_at: float | None,
+        queue: str | None,
+        *,
+        countdown: float | None = None,
+        retries: int = 0,
+    ) -> None:
+        """Send one job of the chunk as a message of its own (its ledger entry stays)."""
+        kind = entry.payload.get("kind") if isinstance(entry.payload, dict) else None
+        target = queue_for(kind) if kind in JOB_KINDS else (queue or queue_for("caption"))
+        self._send_task(
+            TASK_RUN_JOB,
+            kwargs={"job": entry.payload, "submitted_at": submitted_at},
+            task_id=entry.job_id,
+            queue=target,
+            routing_key=target,
+            countdown=countdown,
+            retries=retries,
+        )
+
+
+_runner: ChunkRunner | None = None
+_lock = threading.Lock()
+
+
+def get_chunk_runner() -> ChunkRunner:
+    """The process's chunk runner (built on the first chunk message)."""
+    global _runner
+    with _lock:
+        if _runner is None:
+            runtime = get_runtime()
+            _runner = ChunkRunner(runtime, threads=runtime.settings.worker_concurrency)
+        return _runner
+
+
+@signals.worker_shutdown.connect
+def _close_runner(**_: Any) -> None:
+    global _runner
+    with _lock:
+        if _runner is not None:
+            _runner.close()
+            _runner = None
