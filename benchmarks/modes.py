@@ -185,13 +185,23 @@ class CeleryNaive:
 
 
 class Blipq:
-    """CaptionJobs via ``Client.submit_many`` to a real blipq worker; ``Client.results``."""
+    """CaptionJobs via ``Client.submit_many`` to a real blipq worker; ``Client.results``.
+
+    ``per_message`` > 1: chunk messages of that many jobs (``producer.chunks``).
+    """
 
     def __init__(
-        self, name: str, client: Any, model: str, max_new_tokens: int, warm_burst: int = 0
+        self,
+        name: str,
+        client: Any,
+        model: str,
+        max_new_tokens: int,
+        warm_burst: int = 0,
+        per_message: int = 1,
     ) -> None:
         self.name = name
         self.warm_burst = warm_burst
+        self.per_message = per_message
         self.client = client
         self.model = model
         self.max_new_tokens = max_new_tokens
@@ -227,7 +237,7 @@ class Blipq:
             self.batch_sizes.clear()
 
     def run(self, keys: list[str]) -> int:
-        ids = self.client.submit_many([self.job(key) for key in keys])
+        ids = self.client.submit_many([self.job(key) for key in keys], per_message=self.per_message)
         results = list(self.client.results(ids, timeout=3600))
         failed = [r for r in results if not r.ok]
         if failed:

@@ -11,7 +11,8 @@ One run, same model, same images, same machine:
 plus the idle latency of single blipq jobs over the bare model's single-image latency, the
 batch sizes blipq ran, and the workers' peak RSS. ``--null-model`` replaces inference with a
 no-op (the ``null`` model family) and compares blipq with the raw floor: a plain thread pool
-doing only S3 GET + decode + resize of the same images.
+doing only S3 GET + decode + resize of the same images, and also runs ``blipq_null_chunked``: the
+same jobs in chunk messages of ``--per-message`` jobs (``producer.chunks``).
 
 The machine may be shared, so the modes are interleaved: every round runs each mode once, in
 a rotating order, and ratios are medians of per-round ratios; idle latency is measured in
@@ -54,6 +55,7 @@ GOALS = {
     "blipq/bare": (">=", 0.90),
     "blipq/seed_loop": (">=", 1.15),
     "blipq_null/floor": (">=", 0.80),
+    "blipq_null_chunked/floor": (">=", 0.80),
     "idle_over_bare_p50_ms": ("<=", 25.0),
     "idle_over_bare_p99_ms": ("<=", 60.0),
 }
@@ -81,6 +83,7 @@ class Options:
     batch_sizes: list[int]
     floor_threads: list[int]
     max_new_tokens: int
+    per_message: int
     max_batch_size: int | None
     max_wait_ms: float | None
     torch_threads: int | None
@@ -407,6 +410,17 @@ def bench_null(report: Report, opts: Options, servers: Servers) -> None:
         with Client(redis_url=servers.redis.url) as client:
             blipq = Blipq("blipq_null", client, "null", opts.max_new_tokens, warm_burst=100)
             modes: list[Mode] = [floor, blipq]
+            chunked = None
+            if opts.per_message > 1:
+                chunked = Blipq(
+                    "blipq_null_chunked",
+                    client,
+                    "null",
+                    opts.max_new_tokens,
+                    warm_burst=100,
+                    per_message=opts.per_message,
+                )
+                modes.append(chunked)
             for mode in modes:
                 mode.keys = keys
                 mode.warm()
@@ -423,6 +437,11 @@ def bench_null(report: Report, opts: Options, servers: Servers) -> None:
             _record(report, samples, {"floor": {"threads": floor.threads}})
             _ratio(report, samples, "blipq_null", "floor")
             report.batch_sizes["blipq_null"] = _histogram(blipq)
+            if chunked is not None:
+                _ratio(report, samples, "blipq_null_chunked", "floor")
+                _ratio(report, samples, "blipq_null_chunked", "blipq_null")
+                report.batch_sizes["blipq_null_chunked"] = _histogram(chunked)
+                report.modes["blipq_null_chunked"]["per_message"] = opts.per_message
             _log("idle latency: single null jobs (no model time at all)")
             _idle_latency(report, blipq, keys, opts.latency_samples, None)
         report.peak_rss_mib["blipq_null_worker"] = _peak_rss_mib(_pid(worker))
@@ -466,6 +485,8 @@ def _modes_table(report: Report) -> list[str]:
             label += f" (batch {m['batch_size']})"
         if "threads" in m:
             label += f" ({m['threads']} threads)"
+        if "per_message" in m:
+            label += f" ({m['per_message']} jobs per message)"
         rounds_ = ", ".join(f"{x:.3g}" for x in m["images_per_s_rounds"])
         loads = ", ".join(f"{x:.1f}" for x in m["loadavg_rounds"])
         out.append(
@@ -536,6 +557,12 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     add("--batch-sizes", help="bare batch sizes to try, e.g. 1,4,8,16")
     add("--floor-threads", help="floor thread counts to try, e.g. 2,4,16")
     add("--max-new-tokens", type=int, default=8, help="fixed decode length (default 8)")
+    add(
+        "--per-message",
+        type=int,
+        default=16,
+        help="jobs per chunk message of blipq_null_chunked (--null-model; default 16, 1: skip it)",
+    )
     add("--max-batch-size", type=int, help="BLIPQ_MAX_BATCH_SIZE of the worker")
     add("--max-wait-ms", type=float, help="BLIPQ_MAX_WAIT_MS of the worker")
     add("--torch-threads", type=int, help="torch threads in every mode (default: all cores)")
@@ -563,6 +590,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         batch_sizes=[int(s) for s in (a.batch_sizes or d[4]).split(",")],
         floor_threads=[int(s) for s in (a.floor_threads or "2,4,16").split(",")],
         max_new_tokens=a.max_new_tokens,
+        per_message=a.per_message,
         max_batch_size=a.max_batch_size,
         max_wait_ms=a.max_wait_ms,
         torch_threads=a.torch_threads,
