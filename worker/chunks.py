@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,7 +31,13 @@ from celery import Task, signals, states
 from celery.exceptions import Reject
 
 from producer.chunks import ChunkEntry, decode_chunk
-from producer.constants import CHUNK_STARTED_KEY, TASK_RUN_CHUNK, TASK_RUN_JOB, queue_for
+from producer.constants import (
+    CHUNK_STARTED_KEY,
+    LEDGER,
+    TASK_RUN_CHUNK,
+    TASK_RUN_JOB,
+    queue_for,
+)
 from producer.errors import Retryable
 from producer.jobs import JOB_KINDS, ErrorCode, JobResult, encode_result
 from worker.app import app
@@ -197,6 +204,9 @@ class ChunkRunner:
         """Send one job of the chunk as a message of its own (its ledger entry stays)."""
         kind = entry.payload.get("kind") if isinstance(entry.payload, dict) else None
         target = queue_for(kind) if kind in JOB_KINDS else (queue or queue_for("caption"))
+        # The message joins the far end of its queue, behind messages submitted after the job:
+        # its ledger wait restarts now, or the reaper would take it for lost while it waits there.
+        self.runtime.redis.zadd(LEDGER, {entry.job_id: time.time()}, xx=True)
         self._send_task(
             TASK_RUN_JOB,
             kwargs={"job": entry.payload, "submitted_at": submitted_at},

@@ -1,12 +1,21 @@
 """Find jobs a dying consumer took off a Redis queue and lost, and send them again.
 
-A job is lost when it is old (submitted more than ``reap_after_s`` ago), has no result, is
-not running (no start counter), is not held unacknowledged by any consumer (kombu puts those
-back itself after the visibility timeout; a held chunk message holds every job its header
-lists), and is no longer in its queue. Queues are FIFO, so "no longer in the queue" is: the
-oldest message still waiting there was submitted after it.
-Sending a job twice is harmless (results are stored under the job id, events are deduped);
-losing one is not.
+A job is lost when it is old (submitted, or last sent on by a worker, more than ``reap_after_s``
+ago), has no result, is not held unacknowledged by any consumer (kombu puts those back itself
+after the visibility timeout; a held chunk message holds every job its header lists), and is no
+longer in its queue. Queues are FIFO, so "no longer in the queue" is: the oldest message still
+waiting there was submitted after it.
+
+A running job is always held (acks are late: a job's message is acknowledged after its result is
+stored, and a chunk message after all of its jobs are answered), so a start counter
+(``DELIVERIES_KEY``) says nothing here: a job whose earlier start never finished (its worker was
+killed) comes back to its queue after the visibility timeout and can be lost again between BRPOP
+and kombu recording it, still carrying that counter.
+
+The unacknowledged set and the queues are read at different moments, so a message on its way from
+one to the other can look lost; what looks lost is checked against the unacknowledged set once
+more after a short pause. Sending a job twice is harmless (results are stored under the job id,
+events are deduped); losing one is not.
 """
 
 from __future__ import annotations
@@ -23,7 +32,6 @@ import redis
 from producer import ledger
 from producer.constants import (
     CHUNK_JOBS_HEADER,
-    DELIVERIES_KEY,
     LEDGER,
     LEDGER_PAYLOADS,
     REAPER_LOCK,
@@ -35,6 +43,7 @@ log = logging.getLogger(__name__)
 
 Resend = Callable[[str, dict[str, Any]], None]
 _SCAN = 500
+_RECHECK_AFTER_S = 0.5  # far longer than a message takes from BRPOP to the unacked set
 
 
 class Reaper:
@@ -82,7 +91,6 @@ class Reaper:
         candidates = {_text(job_id): score for job_id, score in old}
         ids = list(candidates)
         finished = self._redis.mget([self._result_key(i) for i in ids])
-        running = self._redis.mget([DELIVERIES_KEY.format(job_id=i) for i in ids])
         pipe = self._redis.pipeline(transaction=False)
         for job_id, result in zip(ids, finished, strict=True):
             if result is not None:
@@ -92,12 +100,18 @@ class Reaper:
         oldest = self._oldest_waiting()
         lost = [
             job_id
-            for job_id, result, started in zip(ids, finished, running, strict=True)
-            if result is None
-            and started is None
-            and job_id not in held
-            and candidates[job_id] < oldest
+            for job_id, result in zip(ids, finished, strict=True)
+            if result is None and job_id not in held and candidates[job_id] < oldest
         ]
+        if lost:
+            # A message taken off its queue after the unacknowledged set was read, and recorded
+            # there only after its queue was read, looks lost: look again once it has landed
+            # (and, in case it has finished since, for its result).
+            self._stop.wait(_RECHECK_AFTER_S)
+            held = self._unacked_ids()
+            lost = [job_id for job_id in lost if job_id not in held]
+            done = self._redis.mget([self._result_key(i) for i in lost]) if lost else []
+            lost = [job_id for job_id, result in zip(lost, done, strict=True) if result is None]
         return [job_id for job_id in lost if self._send_again(job_id)]
 
     def _send_again(self, job_id: str) -> bool:

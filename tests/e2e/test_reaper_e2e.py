@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,7 +45,8 @@ def test_reaper_resends_only_lost_jobs(server: EmbeddedRedis) -> None:
     taken = [json.loads(r.rpop(QUEUE)) for _ in range(4)]  # type: ignore[arg-type]
     assert [m["headers"]["id"] for m in taken] == ids[:4]
     r.hset("unacked", "tag-1", json.dumps([taken[0], "", QUEUE]))  # held by a live consumer
-    r.set(DELIVERIES_KEY.format(job_id=ids[1]), 1)  # running
+    r.hset("unacked", "tag-2", json.dumps([taken[1], "", QUEUE]))  # running: held, and
+    r.set(DELIVERIES_KEY.format(job_id=ids[1]), 1)  # its start counted
     r.set(f"celery-task-meta-{ids[2]}", json.dumps({"status": "SUCCESS", "result": {}}))  # done
     # ids[3] was taken by a consumer that died before recording it anywhere: lost.
 
@@ -83,3 +85,67 @@ def test_reaper_reads_the_jobs_of_chunk_messages(server: EmbeddedRedis) -> None:
     assert [kwargs["job"]["image"] for _, kwargs in sorted(resent)] == [
         f"s3://bkt/{i}.jpg" for i in sorted(range(3, 6), key=lambda i: ids[i])
     ]
+
+
+def test_a_job_with_an_unfinished_earlier_start_is_resent_when_lost(server: EmbeddedRedis) -> None:
+    """A start counter does not mean running: a job whose worker was killed comes back to its
+    queue after the visibility timeout with its counter still set, and a consumer can lose it
+    again between BRPOP and recording it. Only a job held unacknowledged is running."""
+    r = redis.Redis.from_url(server.url)
+    with Client(redis_url=server.url) as client:
+        ids = client.submit_many([CaptionJob(image=f"s3://bkt/{i}.jpg") for i in range(3)])
+    resent: list[tuple[str, dict[str, Any]]] = []
+    reaper = Reaper(
+        r,
+        lambda job_id, kwargs: resent.append((job_id, kwargs)),
+        reap_after_s=60,
+        interval_s=1,
+        result_key=lambda i: f"celery-task-meta-{i}",
+        clock=lambda: 10**12,
+    )
+    taken = [json.loads(r.rpop(QUEUE)) for _ in range(3)]  # type: ignore[arg-type]
+    for job_id in ids:
+        r.set(DELIVERIES_KEY.format(job_id=job_id), 1)  # each was started once, never finished
+    r.hset("unacked", "tag-1", json.dumps([taken[1], "", QUEUE]))  # running (or waiting) again
+    r.hset("unacked", "tag-2", json.dumps([taken[2], "", QUEUE]))
+    # ids[0] came back after its worker was killed and was lost again: BRPOP took it, nothing
+    # recorded it. It must not wait for its counter to expire (a day by default).
+
+    assert reaper.reap_once() == [ids[0]]
+    assert resent[0][0] == ids[0] and resent[0][1]["job"]["image"] == "s3://bkt/0.jpg"
+    # The counter stays: the resent message's run is counted as the job's next start.
+    assert r.get(DELIVERIES_KEY.format(job_id=ids[0])) == b"1"
+
+    r.hdel("unacked", "tag-2")  # ids[2]'s worker acked it: finished, result stored
+    r.set(f"celery-task-meta-{ids[2]}", json.dumps({"status": "SUCCESS", "result": {}}))
+    assert reaper.reap_once() == []  # ids[0]: a fresh wait; ids[1]: held; ids[2]: done
+    assert r.zscore(LEDGER, ids[2]) is None
+
+
+def test_a_message_on_its_way_to_the_unacked_set_is_not_resent(server: EmbeddedRedis) -> None:
+    """The unacked set and the queue are read at different moments: a message taken off its
+    queue in between, and recorded as unacknowledged only after, looks lost at first."""
+    r = redis.Redis.from_url(server.url)
+    with Client(redis_url=server.url) as client:
+        ids = client.submit_many([CaptionJob(image=f"s3://bkt/{i}.jpg") for i in range(2)])
+    taken = [json.loads(r.rpop(QUEUE)) for _ in range(2)]  # type: ignore[arg-type]
+    resent: list[str] = []
+    reaper = Reaper(
+        r,
+        lambda job_id, _: resent.append(job_id),
+        reap_after_s=60,
+        interval_s=1,
+        result_key=lambda i: f"celery-task-meta-{i}",
+        clock=lambda: 10**12,
+    )
+
+    class Landing(threading.Event):
+        """The reaper's pause before it looks again: the consumer records ids[1] meanwhile."""
+
+        def wait(self, timeout: float | None = None) -> bool:
+            r.hset("unacked", "tag-1", json.dumps([taken[1], "", QUEUE]))
+            return False
+
+    reaper._stop = Landing()
+    assert reaper.reap_once() == [ids[0]]  # ids[0] is really lost
+    assert resent == [ids[0]]

@@ -4,6 +4,7 @@ into jobs with fakes for Redis, the result backend and the runtime (no servers).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from celery.exceptions import Reject
 
 from producer import CaptionJob, ErrorCode, JobResult
 from producer.chunks import ChunkEntry, decode_chunk, encode_chunk, group_messages
-from producer.constants import MAX_JOBS_PER_MESSAGE, TASK_RUN_JOB
+from producer.constants import LEDGER, MAX_JOBS_PER_MESSAGE, TASK_RUN_JOB
 from producer.errors import InvalidJob, Retryable
 from producer.jobs import CaptionOutput, decode_job, encode_job, encode_result
 from worker.chunks import ChunkRunner
@@ -138,6 +139,12 @@ class FakeRedis:
         self.keys[key] = value
         return True
 
+    def zadd(self, key: str, mapping: dict[str, float], *, xx: bool = False) -> int:
+        scores = self.keys.setdefault(key, {})
+        assert isinstance(scores, dict)
+        scores.update({m: v for m, v in mapping.items() if m in scores or not xx})
+        return 0
+
 
 class FakeQuarantine:
     def __init__(self) -> None:
@@ -244,6 +251,8 @@ def test_a_redelivered_chunk_answers_stored_jobs_and_sends_the_rest_alone(parts:
     backend.store_result("job-0", encode_result(done), states.SUCCESS)
     runtime.publisher.publish(encode_result(done))
     runtime.deliveries.starts["job-1"] = 1  # in flight when the worker died: a suspect
+    runtime.redis.keys[LEDGER] = {"job-1": 100.0, "job-2": 100.0}  # job-0 was cleared
+    before = time.time()
 
     assert runner.run("chunk-2", jobs, 100.0, "blipq.caption") == 1
     assert runtime.handled == []  # nothing runs again in the chunk
@@ -255,6 +264,11 @@ def test_a_redelivered_chunk_answers_stored_jobs_and_sends_the_rest_alone(parts:
     ]
     assert sent[0]["kwargs"] == {"job": jobs[1]["job"], "submitted_at": 100.0}
     assert runtime.deliveries.starts == {"job-1": 1}  # run_job counts it; the split did not
+    # Sent on at the far end of the queue: their ledger wait restarts, so the reaper does not take
+    # them for lost while they wait there behind messages submitted after them.
+    ledger = runtime.redis.keys[LEDGER]
+    assert isinstance(ledger, dict) and set(ledger) == {"job-1", "job-2"}
+    assert all(score >= before for score in ledger.values())
 
 
 def test_a_job_started_before_is_sent_alone_for_run_job_to_judge(parts: Any) -> None:
@@ -264,6 +278,7 @@ def test_a_job_started_before_is_sent_alone_for_run_job_to_judge(parts: Any) -> 
     assert set(backend.stored) == {"job-0"}
     assert [s["task_id"] for s in sent] == ["job-1"]
     assert runtime.deliveries.starts == {"job-1": 2}  # not counted here
+    assert not runtime.redis.keys.get(LEDGER)  # its wait restarts only if it is in the ledger
 
 
 def test_a_transient_failure_is_retried_as_a_message_of_its_own(parts: Any) -> None:
