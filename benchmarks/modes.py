@@ -25,17 +25,7 @@ NULL_INPUT_SIZE = 384
 
 
 def s3_client(s3_server: Any, pool: int = 10) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-        region_name="us-east-1",
-        config=Config(max_pool_connections=pool, s3={"addressing_style": "path"}),
-    )
+    return s3_server.client(pool)
 
 
 class Bare:

@@ -303,7 +303,7 @@ def test_a_worker_killed_mid_chunk_answers_no_job_twice(
 @pytest.mark.timeout(240)
 def test_a_poison_job_in_a_chunk_is_dead_lettered_alone(s3_server: EmbeddedS3) -> None:
     """The poison drill (``test_poison_e2e``) with the poison job inside a chunk message."""
-    from tests.e2e.test_poison_e2e import MAX_DELIVERIES, Supervisor
+    from tests.e2e.test_poison_e2e import MAX_DELIVERIES, Supervisor, drill_env
 
     s3 = s3_server.client()
     s3.create_bucket(Bucket="chunk-drill")
@@ -319,17 +319,7 @@ def test_a_poison_job_in_a_chunk_is_dead_lettered_alone(s3_server: EmbeddedS3) -
         ]
 
     server = EmbeddedRedis().start()
-    env = worker_env(
-        server,
-        s3_server,
-        {"drill": {"source": "null", "family": "null", "crash_on": "poison-pill"}},  # type: ignore[dict-item]
-        BLIPQ_MAX_DELIVERIES=str(MAX_DELIVERIES),
-        BLIPQ_VISIBILITY_TIMEOUT_S="5",
-        BLIPQ_MAX_WAIT_MS="20",
-        BLIPQ_WARMUP="false",
-        BLIPQ_REAP_AFTER_S="20",
-        BLIPQ_REAP_INTERVAL_S="2",
-    )
+    env = drill_env(server, s3_server)
     supervisor = Supervisor(env)
     client = Client(redis_url=server.url)
     store = redis.Redis.from_url(server.url)

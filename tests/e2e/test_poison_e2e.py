@@ -74,18 +74,10 @@ def _upload(s3_server: EmbeddedS3) -> None:
     s3.put_object(Bucket="drill", Key=POISON.removeprefix("s3://drill/"), Body=images[4])
 
 
-def _jobs(count: int) -> list[CaptionJob]:
-    return [CaptionJob(image=f"s3://drill/{i % 4}.jpg", model="drill") for i in range(count)]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_a_job_that_kills_its_worker_is_dead_lettered_and_the_queue_flows(
-    private_redis: EmbeddedRedis, s3_server: EmbeddedS3
-) -> None:
-    _upload(s3_server)
-    env = worker_env(
-        private_redis,
+def drill_env(redis_server: EmbeddedRedis, s3_server: EmbeddedS3) -> dict[str, str]:
+    """A worker serving ``drill``: the null model, which kills its worker on a ``poison-pill``."""
+    return worker_env(
+        redis_server,
         s3_server,
         {"drill": {"source": "null", "family": "null", "crash_on": "poison-pill"}},  # type: ignore[dict-item]
         BLIPQ_MAX_DELIVERIES=str(MAX_DELIVERIES),
@@ -98,6 +90,19 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_and_the_queue_flows(
         BLIPQ_REAP_AFTER_S="20",
         BLIPQ_REAP_INTERVAL_S="2",
     )
+
+
+def _jobs(count: int) -> list[CaptionJob]:
+    return [CaptionJob(image=f"s3://drill/{i % 4}.jpg", model="drill") for i in range(count)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_job_that_kills_its_worker_is_dead_lettered_and_the_queue_flows(
+    private_redis: EmbeddedRedis, s3_server: EmbeddedS3
+) -> None:
+    _upload(s3_server)
+    env = drill_env(private_redis, s3_server)
     supervisor = Supervisor(env)
     client = Client(redis_url=private_redis.url)
     store = redis.Redis.from_url(private_redis.url)

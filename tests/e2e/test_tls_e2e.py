@@ -26,7 +26,13 @@ import torch
 from PIL import Image
 
 from producer import AsyncClient, CaptionJob, Client
-from producer.embedded import EmbeddedS3, WorkerProcess, _redis_binary, free_port
+from producer.embedded import (
+    EmbeddedS3,
+    WorkerProcess,
+    _redis_binary,
+    free_port,
+    stop_process,
+)
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import sample_jpegs
 
@@ -106,13 +112,8 @@ class TlsRedis:
         raise RuntimeError(f"redis-server (TLS) exited while starting: {last}")
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
