@@ -33,7 +33,7 @@ def _model_source(model: str | None) -> tuple[str, str]:
     if (SHAPES_MODEL / "config.json").is_file():
         return str(SHAPES_MODEL), (
             "the shapes-world fixture model: a test instrument that knows only coloured "
-            "circles, squares and triangles, and is still undertrained (README: Fixture models)"
+            "circles, squares and triangles (README: Fixture models)"
         )
     directory = Path(tempfile.mkdtemp(prefix="blipq-demo-model-"))
     subprocess.run(

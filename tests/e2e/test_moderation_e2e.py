@@ -21,6 +21,11 @@ from producer.cli import main
 from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import sample_jpegs
+from tests.fixtures.shapes import world
+
+SHAPES_MATCH = REPO / "tests" / "fixtures" / "models" / "shapes-match"
+SHAPES_SEED = 9_000_201  # held out: used by neither training nor threshold tuning
+SHAPES_COUNT = 48
 
 TINY_POLICY = {
     "name": "tiny",
@@ -162,3 +167,57 @@ def test_moderation_jobs_equal_the_in_process_runner(
     calibrated = load_policy(written, "tiny")
     assert calibrated.version.startswith("7-calibrated-")
     assert calibrated.prompts == policy.prompts
+
+
+@pytest.fixture(scope="module")
+def shapes_moderation(s3_server: EmbeddedS3) -> Iterator[tuple[EmbeddedRedis, WorkerProcess]]:
+    assert (SHAPES_MATCH / "config.json").is_file(), (
+        f"{SHAPES_MATCH} is missing: train the fixture models "
+        "(python -m tests.fixtures.shapes.train --out tests/fixtures/models)"
+    )
+    redis_server = EmbeddedRedis().start()
+    # The shapes policy is a fixture policy (tests/fixtures/policies/shapes.yaml): served as is.
+    env = worker_env(
+        redis_server, s3_server, {"shapes-match": str(SHAPES_MATCH)}, BLIPQ_MAX_WAIT_MS="30"
+    )
+    worker = WorkerProcess(env, cwd=REPO).start()
+    yield redis_server, worker
+    code = worker.stop()
+    redis_server.close()
+    assert code == 0, worker.log()[-5000:]
+
+
+def test_shapes_policy_flags_exactly_the_images_with_red(
+    shapes_moderation: tuple[EmbeddedRedis, WorkerProcess],
+    s3,  # type: ignore[no-untyped-def]
+) -> None:
+    redis_server, _ = shapes_moderation
+    samples = list(world.dataset(SHAPES_SEED, SHAPES_COUNT))
+    s3.create_bucket(Bucket="moderation-shapes")
+    jobs = []
+    for sample in samples:
+        key = f"{sample.index}.{sample.ext}"
+        s3.put_object(Bucket="moderation-shapes", Key=key, Body=sample.data)
+        jobs.append(
+            ModerationJob(
+                image=f"s3://moderation-shapes/{key}", model="shapes-match", policy="shapes"
+            )
+        )
+    with Client(redis_url=redis_server.url) as client:
+        ids = client.submit_many(jobs)
+        results = {r.job_id: r for r in client.results(ids, timeout=300)}
+
+    rows = []
+    for sample, job_id in zip(samples, ids, strict=True):
+        result = results[job_id]
+        assert result.ok and isinstance(result.output, ModerationOutput), result.error
+        red = next(c for c in result.output.categories if c.name == "red")
+        contains_red = any(shape.colour == "red" for shape in sample.scene.shapes)
+        rows.append((world.caption(sample.scene), contains_red, red.flagged, red.score))
+        assert (result.output.decision != "allow") == (red.flagged != "none")
+    agree = sum(contains_red == (flagged != "none") for _, contains_red, flagged, _ in rows)
+    positives = sum(contains_red for _, contains_red, _, _ in rows)
+    print(f"shapes policy: flagged == contains red on {agree}/{len(rows)} ({positives} with red)")
+    wrong = [row for row in rows if row[1] != (row[2] != "none")]
+    assert not wrong, wrong
+    assert 0 < positives < len(rows)

@@ -25,15 +25,6 @@ COUNT = 60
 
 pytestmark = pytest.mark.slow
 
-# The shipped models miss the thresholds (measured numbers in the reason): the gate stays at
-# the issue's thresholds and must start passing (strict) once better models are trained.
-UNDERTRAINED = pytest.mark.xfail(
-    strict=True,
-    reason="measured through the system on these 60 images: caption 0.383, VQA 0.833, "
-    "match rank-1 0.250 (undertrained models, issue 3)",
-)
-
-
 # A Redis database of its own on the shared server: the session's other workers consume the same
 # queue names (blipq.caption, blipq.vqa, blipq.match) and would answer with unknown_model.
 DB = 12
@@ -116,7 +107,6 @@ def test_system_answers_equal_in_process_answers(system_run: SystemRun) -> None:
     assert [o.best().text for _, o, _ in run.matches] == _reference_best(run.images, texts)
 
 
-@UNDERTRAINED
 def test_system_answers_are_right(system_run: SystemRun) -> None:
     run = system_run
     caption = sum(o.caption == t for o, t in run.captions) / COUNT
