@@ -14,8 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import boto3
-
 from producer.client import Client
 from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from producer.jobs import CaptionJob, CaptionOutput, JobResult
@@ -25,6 +23,7 @@ SAMPLES = Path(__file__).resolve().parent / "samples"
 SHAPES_MODEL = REPO / "tests" / "fixtures" / "models" / "shapes-caption"
 BUCKET = "demo-images"
 PROMPTS = (None, None, "a picture of")
+SHAPES_DEMO_SEED = 9_000_501  # used by neither training nor the accuracy gates
 
 
 def _model_source(model: str | None) -> tuple[str, str]:
@@ -43,13 +42,7 @@ def _model_source(model: str | None) -> tuple[str, str]:
 
 
 def _upload(s3_server: EmbeddedS3) -> list[str]:
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-        region_name="us-east-1",
-    )
+    s3 = s3_server.client()
     s3.create_bucket(Bucket=BUCKET)
     uris = []
     for path in sorted(SAMPLES.iterdir()):
@@ -57,6 +50,22 @@ def _upload(s3_server: EmbeddedS3) -> list[str]:
             s3.put_object(Bucket=BUCKET, Key=path.name, Body=path.read_bytes())
             uris.append(f"s3://{BUCKET}/{path.name}")
     return uris
+
+
+def _upload_shapes(s3_server: EmbeddedS3, count: int = 8) -> dict[str, str]:
+    """Shapes-world images the fixture models never trained on -> their true captions."""
+    # The renderer lives in the checkout's tests/ (as do the models), not in the installed package.
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.fixtures.shapes import world
+
+    s3 = s3_server.client()
+    expected = {}
+    for sample in world.dataset(SHAPES_DEMO_SEED, count):
+        key = f"shapes-{sample.index}.{sample.ext}"
+        s3.put_object(Bucket=BUCKET, Key=key, Body=sample.data)
+        expected[f"s3://{BUCKET}/{key}"] = world.caption(sample.scene)
+    return expected
 
 
 def run_demo(model: str | None = None, count: int = 24) -> int:
@@ -68,7 +77,11 @@ def run_demo(model: str | None = None, count: int = 24) -> int:
     try:
         print(f"redis: {redis_server.url}   s3: {s3_server.endpoint_url}")
         uris = _upload(s3_server)
-        print(f"uploaded {len(uris)} sample images to s3://{BUCKET}/")
+        expected = _upload_shapes(s3_server) if source == str(SHAPES_MODEL) else {}
+        uris = list(expected) + uris
+        print(
+            f"uploaded {len(uris)} images to s3://{BUCKET}/ ({len(expected)} of the shapes world)"
+        )
         env = {
             "BLIPQ_REDIS_URL": redis_server.url,
             "BLIPQ_S3_ENDPOINT_URL": s3_server.endpoint_url,
@@ -84,7 +97,7 @@ def run_demo(model: str | None = None, count: int = 24) -> int:
         print(f"worker ready in {time.perf_counter() - started:.1f}s (log: {worker.log_path})")
         # the shapes model knows only shapes-world words: a prompt like "a picture of" is noise
         prompts = (None,) if source == str(SHAPES_MODEL) else PROMPTS
-        return _caption(redis_server.url, uris, count, prompts)
+        return _caption(redis_server.url, uris, count, prompts, expected)
     finally:
         if worker is not None:
             code = worker.stop()
@@ -95,8 +108,15 @@ def run_demo(model: str | None = None, count: int = 24) -> int:
 
 
 def _caption(
-    redis_url: str, uris: list[str], count: int, prompts: tuple[str | None, ...] = PROMPTS
+    redis_url: str,
+    uris: list[str],
+    count: int,
+    prompts: tuple[str | None, ...] = PROMPTS,
+    expected: dict[str, str] | None = None,
 ) -> int:
+    """Caption ``count`` jobs over ``uris``; rows of images in ``expected`` say whether the
+    caption is the true one."""
+    expected = expected or {}
     jobs = [
         CaptionJob(
             image=uris[i % len(uris)],
@@ -112,20 +132,26 @@ def _caption(
         results = {r.job_id: r for r in client.results(ids, timeout=300)}
         elapsed = time.perf_counter() - started
     print(f"\n{'image':<24} {'batch':>5} {'ms':>7}  caption")
-    failures = 0
+    failures = right = checked = 0
     for job, job_id in zip(jobs, ids, strict=True):
-        failures += _print_row(job, results[job_id])
+        result = results[job_id]
+        failures += _print_row(job, result, expected.get(job.image))
+        if job.image in expected and isinstance(result.output, CaptionOutput):
+            checked += 1
+            right += result.output.caption == expected[job.image]
     print(f"\n{count} jobs in {elapsed:.2f}s ({count / elapsed:.1f} jobs/s), {failures} failed")
+    if checked:
+        print(f"shapes-world images: {right} of {checked} captions are the true caption")
     return 1 if failures else 0
 
 
-def _print_row(job: CaptionJob, result: JobResult) -> int:
+def _print_row(job: CaptionJob, result: JobResult, truth: str | None = None) -> int:
     name = job.image.rsplit("/", 1)[-1][:24]
     if result.ok and isinstance(result.output, CaptionOutput):
-        print(
-            f"{name:<24} {result.batch_size:>5} {result.timings.total_ms:>7.0f}  "
-            f"{result.output.caption}"
-        )
+        caption = result.output.caption
+        if truth is not None:
+            caption += "  (right)" if caption == truth else f"  (WRONG: true caption {truth!r})"
+        print(f"{name:<24} {result.batch_size:>5} {result.timings.total_ms:>7.0f}  {caption}")
         return 0
     error = result.error
     print(
