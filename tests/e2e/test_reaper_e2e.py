@@ -13,7 +13,7 @@ import redis
 from producer import CaptionJob, Client
 from producer.constants import CHUNK_JOBS_HEADER, DELIVERIES_KEY, LEDGER
 from producer.embedded import EmbeddedRedis
-from worker.reaper import Reaper
+from worker.reaper import Reaper, Resend
 
 QUEUE = "blipq.caption"
 
@@ -25,20 +25,25 @@ def server() -> Iterator[EmbeddedRedis]:
     s.close()
 
 
+def old_jobs_reaper(r: redis.Redis, resend: Resend) -> Reaper:
+    """A reaper whose clock is so far ahead that every job in the ledger is old."""
+    return Reaper(
+        r,
+        resend,
+        reap_after_s=60,
+        interval_s=1,
+        result_key=lambda i: f"celery-task-meta-{i}",
+        clock=lambda: 10**12,
+    )
+
+
 def test_reaper_resends_only_lost_jobs(server: EmbeddedRedis) -> None:
     r = redis.Redis.from_url(server.url)
     with Client(redis_url=server.url) as client:
         ids = client.submit_many([CaptionJob(image=f"s3://bkt/{i}.jpg") for i in range(6)])
     assert r.zcard(LEDGER) == 6 and r.llen(QUEUE) == 6
     resent: list[tuple[str, dict[str, Any]]] = []
-    reaper = Reaper(
-        r,
-        lambda job_id, kwargs: resent.append((job_id, kwargs)),
-        reap_after_s=60,
-        interval_s=1,
-        result_key=lambda i: f"celery-task-meta-{i}",
-        clock=lambda: 10**12,  # everything is old
-    )
+    reaper = old_jobs_reaper(r, lambda job_id, kwargs: resent.append((job_id, kwargs)))
     assert reaper.reap_once() == []  # all still queued: nothing is lost
 
     # Consumers take the four oldest (FIFO: from the right end).
@@ -65,14 +70,7 @@ def test_reaper_reads_the_jobs_of_chunk_messages(server: EmbeddedRedis) -> None:
         )
     assert r.zcard(LEDGER) == 9 and r.llen(QUEUE) == 3  # three chunk messages
     resent: list[tuple[str, dict[str, Any]]] = []
-    reaper = Reaper(
-        r,
-        lambda job_id, kwargs: resent.append((job_id, kwargs)),
-        reap_after_s=60,
-        interval_s=1,
-        result_key=lambda i: f"celery-task-meta-{i}",
-        clock=lambda: 10**12,
-    )
+    reaper = old_jobs_reaper(r, lambda job_id, kwargs: resent.append((job_id, kwargs)))
     assert reaper.reap_once() == []  # a chunk at the queue's tail: its jobs are still queued
 
     first = json.loads(r.rpop(QUEUE))  # type: ignore[arg-type]
@@ -95,14 +93,7 @@ def test_a_job_with_an_unfinished_earlier_start_is_resent_when_lost(server: Embe
     with Client(redis_url=server.url) as client:
         ids = client.submit_many([CaptionJob(image=f"s3://bkt/{i}.jpg") for i in range(3)])
     resent: list[tuple[str, dict[str, Any]]] = []
-    reaper = Reaper(
-        r,
-        lambda job_id, kwargs: resent.append((job_id, kwargs)),
-        reap_after_s=60,
-        interval_s=1,
-        result_key=lambda i: f"celery-task-meta-{i}",
-        clock=lambda: 10**12,
-    )
+    reaper = old_jobs_reaper(r, lambda job_id, kwargs: resent.append((job_id, kwargs)))
     taken = [json.loads(r.rpop(QUEUE)) for _ in range(3)]  # type: ignore[arg-type]
     for job_id in ids:
         r.set(DELIVERIES_KEY.format(job_id=job_id), 1)  # each was started once, never finished
@@ -130,14 +121,7 @@ def test_a_message_on_its_way_to_the_unacked_set_is_not_resent(server: EmbeddedR
         ids = client.submit_many([CaptionJob(image=f"s3://bkt/{i}.jpg") for i in range(2)])
     taken = [json.loads(r.rpop(QUEUE)) for _ in range(2)]  # type: ignore[arg-type]
     resent: list[str] = []
-    reaper = Reaper(
-        r,
-        lambda job_id, _: resent.append(job_id),
-        reap_after_s=60,
-        interval_s=1,
-        result_key=lambda i: f"celery-task-meta-{i}",
-        clock=lambda: 10**12,
-    )
+    reaper = old_jobs_reaper(r, lambda job_id, _: resent.append(job_id))
 
     class Landing(threading.Event):
         """The reaper's pause before it looks again: the consumer records ids[1] meanwhile."""
