@@ -121,6 +121,7 @@ def blip_base_random(seed: int = 0) -> Path:
     )
     from transformers.models.blip import BlipImageProcessorPil
 
+    CACHE.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix="building-", dir=CACHE))
     words = [f"w{i}" for i in range(BASE_VOCAB - len(SPECIAL))]
     (building / "vocab.txt").write_text("\n".join(SPECIAL + words) + "\n")

@@ -8,8 +8,11 @@ One run, same model, same images, same machine:
 - ``blipq``         CaptionJobs via ``Client.submit_many`` to a real blipq worker, results read
                     back via ``Client.results``
 
-plus the idle latency of single blipq jobs over the bare model's single-image latency, the
-batch sizes blipq ran, and the workers' peak RSS. ``--null-model`` replaces inference with a
+plus the idle latency of single blipq jobs over the bare model (each job's latency minus its own
+model pass as timed in the worker, plus how much slower the worker's model pass is than the bare
+single-image pass, medians), the batch sizes blipq ran, and the workers' peak RSS. ``bare`` and
+the blipq worker run the model with SDPA vision attention (``worker.models.attention``);
+``seed_loop`` and ``celery_naive`` run it as the model card loads it. ``--null-model`` replaces inference with a
 no-op (the ``null`` model family) and compares blipq with the raw floor: a plain thread pool
 doing only S3 GET + decode + resize of the same images, and also runs ``blipq_null_chunked``: the
 same jobs in chunk messages of ``--per-message`` jobs (``producer.chunks``).
@@ -88,6 +91,7 @@ class Options:
     max_wait_ms: float | None
     torch_threads: int | None
     omp_wait_policy: str
+    sdpa: bool
     json_path: Path | None
 
     @property
@@ -252,6 +256,8 @@ def _blipq_env(opts: Options, servers: Servers, name: str, entry: dict[str, Any]
         env["BLIPQ_MAX_WAIT_MS"] = str(opts.max_wait_ms)
     if opts.torch_threads:
         env["BLIPQ_TORCH_THREADS"] = str(opts.torch_threads)
+    if not opts.sdpa:
+        env["BLIPQ_SDPA_ATTENTION"] = "false"
     return env
 
 
@@ -306,11 +312,19 @@ def _idle_latency(
         "stages_p50_ms": {k: round(statistics.median(v), 1) for k, v in stages.items()},
     }
     if bare is not None:
-        # Each job's latency minus the bare model's single-image latency (its median over the
-        # single-image passes interleaved with the jobs).
         bare_p50 = statistics.median(bare_ms)
+        model_p50 = statistics.median(stages["inference"])
         entry["bare_single_ms"] = _summary(bare_ms)
-        entry["over_bare_ms"] = _summary([ms - bare_p50 for ms in latencies])
+        # Naive: each job's latency minus the bare single-image median. On a shared CPU a
+        # 1.4 s model pass varies by +-100 ms from run to run, which swamps a 25 ms goal.
+        entry["latency_minus_bare_p50_ms"] = _summary([ms - bare_p50 for ms in latencies])
+        # The goal's measure: each job's latency minus its own model pass (timed in the
+        # worker), plus how much slower the worker's model pass is than the bare one (medians;
+        # 0 when it is not slower): the run-to-run noise of the model is taken out, any
+        # systematic cost of running it inside the worker is kept.
+        slower = max(0.0, model_p50 - bare_p50)
+        entry["worker_model_pass_over_bare_p50_ms"] = round(model_p50 - bare_p50, 1)
+        entry["over_bare_ms"] = _summary([ms + slower for ms in over_own])
     report.latency[blipq.name] = entry
 
 
@@ -337,6 +351,7 @@ def bench_model(
 
     from producer import Client
     from producer.embedded import WorkerProcess
+    from worker.models.attention import use_sdpa_attention
 
     keys = servers.keys
     todo = [keys[i % len(keys)] for i in range(opts.jobs)]
@@ -353,12 +368,18 @@ def bench_model(
     try:
         meter.pids += [_pid(naive_worker), _pid(blipq_worker)]
         processor = BlipProcessor.from_pretrained(source)
+        # The model card's way for the seed loop; the limit (bare) is the model as the blipq
+        # worker runs it: the same weights with SDPA vision attention (worker.models.attention).
         model = BlipForConditionalGeneration.from_pretrained(source).eval()
+        fast = BlipForConditionalGeneration.from_pretrained(source).eval()
+        if opts.sdpa:
+            use_sdpa_attention(fast)
         tensors = [
             processor(Image.open(p).convert("RGB"), return_tensors="pt")["pixel_values"][0]
             for p in paths
         ]
-        bare = Bare(model, tensors, opts.generate_kwargs)
+        bare = Bare(fast, tensors, opts.generate_kwargs)
+        eager = Bare(model, tensors, opts.generate_kwargs)
         seed = SeedLoop(processor, model, s3_client(servers.s3), opts.generate_kwargs)
         with Client(redis_url=servers.redis.url) as client:
             blipq = Blipq("blipq", client, "bench-caption", opts.max_new_tokens)
@@ -374,6 +395,15 @@ def bench_model(
                 _log(f"bare sweep: batch {size}: {sweep[str(size)]} images/s")
             bare.batch_size = int(max(sweep, key=lambda s: sweep[s]))
             report.sweeps["bare_images_per_s_by_batch_size"] = sweep
+            if opts.sdpa:
+                # What SDPA attention buys: the stock model at the same batch size, pairwise.
+                size, gains = bare.batch_size, []
+                for _ in range(3):
+                    gains.append(eager.batch(size) / bare.batch(size))
+                report.sweeps["sdpa_speedup_at_best_batch"] = {
+                    str(size): round(statistics.median(gains), 3)
+                }
+                _log(f"SDPA attention: x{statistics.median(gains):.3f} at batch {size}")
             samples = rounds(modes, todo, opts.rounds, meter)
             _record(report, samples, {"bare": {"batch_size": bare.batch_size}})
             for base in ("bare", "seed_loop", "celery_naive"):
@@ -512,9 +542,16 @@ def _latency_table(mode: str, lat: dict[str, Any]) -> list[str]:
     rows = [("end-to-end (submit -> result in hand)", lat["latency_ms"])]
     if "over_bare_ms" in lat:
         rows.append(("bare model, one image", lat["bare_single_ms"]))
-        rows.append(("**over bare** (latency - bare single-image p50)", lat["over_bare_ms"]))
+        rows.append(("latency - bare single-image p50 (noisy)", lat["latency_minus_bare_p50_ms"]))
     rows.append(("over the job's own inference_ms", lat["over_own_inference_ms"]))
+    if "over_bare_ms" in lat:
+        rows.append(
+            ("**over bare** (own-inference overhead + model-pass excess)", lat["over_bare_ms"])
+        )
     out += [f"| {label} | {s['p50']} | {s['p95']} | {s['p99']} |" for label, s in rows]
+    if "worker_model_pass_over_bare_p50_ms" in lat:
+        excess = lat["worker_model_pass_over_bare_p50_ms"]
+        out.append(f"\nworker's model pass minus the bare pass (medians): {excess} ms")
     stages = ", ".join(f"{k} {v}" for k, v in lat["stages_p50_ms"].items())
     out.append(f"\nwhere a single job's time goes (p50, ms): {stages}")
     return out
@@ -572,6 +609,12 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         help="OMP_WAIT_POLICY for every process (default PASSIVE; 'inherit' leaves it as is): "
         "on a shared CPU, OpenMP's spin-waiting made a 2-thread model up to 5x slower",
     )
+    add(
+        "--eager-attention",
+        action="store_true",
+        help="run the blipq worker and bare with transformers' eager BLIP attention "
+        "(BLIPQ_SDPA_ATTENTION=false)",
+    )
     add("--json", type=Path, help="also write the report as JSON to this path")
     a = parser.parse_args(argv)
     # images, jobs, rounds, latency samples, bare batch sizes
@@ -595,6 +638,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         max_wait_ms=a.max_wait_ms,
         torch_threads=a.torch_threads,
         omp_wait_policy=a.omp_wait_policy,
+        sdpa=not a.eager_attention,
         json_path=a.json,
     )
 

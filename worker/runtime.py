@@ -84,7 +84,9 @@ class Runtime:
         runners, load_s = {}, {}
         for spec in settings.served():
             started = time.perf_counter()
-            runners[spec.name] = load_runner(spec, placement, warmup=settings.warmup)
+            runners[spec.name] = load_runner(
+                spec, placement, warmup=settings.warmup, sdpa=settings.sdpa_attention
+            )
             load_s[spec.name] = time.perf_counter() - started
         for runner in runners.values():
             runner.bind(runners, settings)

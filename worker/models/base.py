@@ -171,8 +171,13 @@ def stack_pixels(tensors: list[torch.Tensor], placement: Placement) -> torch.Ten
     return pixels.to(placement.device, placement.dtype, non_blocking=True)
 
 
-def load_runner(spec: ModelSpec, placement: Placement, *, warmup: bool) -> ModelRunner[Any]:
-    """Build, load and warm up the runner of one model; log what was loaded, where, how fast."""
+def load_runner(
+    spec: ModelSpec, placement: Placement, *, warmup: bool, sdpa: bool = True
+) -> ModelRunner[Any]:
+    """Build, load and warm up the runner of one model; log what was loaded, where, how fast.
+
+    ``sdpa``: BLIP vision attention through torch's fused kernel (``worker.models.attention``).
+    """
     from worker.models.blip2 import Blip2Runner
     from worker.models.blip_caption import CaptionRunner
     from worker.models.blip_match import MatchRunner
@@ -191,6 +196,11 @@ def load_runner(spec: ModelSpec, placement: Placement, *, warmup: bool) -> Model
     runner = families[spec.family](spec, placement)
     started = time.perf_counter()
     runner.load()
+    model = getattr(runner, "model", None)
+    if sdpa and isinstance(model, torch.nn.Module):
+        from worker.models.attention import use_sdpa_attention
+
+        use_sdpa_attention(model)
     loaded = time.perf_counter() - started
     if warmup:
         runner.warmup()
