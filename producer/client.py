@@ -121,6 +121,10 @@ class Client:
                     queue=queue,
                     routing_key=queue,
                     producer=producer,
+                    # What Flower and `celery inspect` show. Celery's default is a repr of
+                    # the whole job: a second copy in every message, 15 % of a submit's time.
+                    argsrepr="()",
+                    kwargsrepr=f"{group[0][0].kind} job on {group[0][0].image}",
                 )
                 continue
             ids = [job_id for _, job_id, _ in group]
@@ -133,6 +137,8 @@ class Client:
                 producer=producer,
                 headers={CHUNK_JOBS_HEADER: ids},
                 ignore_result=True,  # results are stored per job, under the jobs' ids
+                argsrepr="()",
+                kwargsrepr=f"chunk of {len(group)} {group[0][0].kind} jobs",
             )
 
     # --- results ---------------------------------------------------------------------------------

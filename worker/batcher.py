@@ -4,7 +4,11 @@ Pure Python (no Celery, no torch). Producers of items (worker threads) call ``su
 on the returned future; one model thread calls ``serve_forever`` (or a test calls ``poll``).
 A group of items is flushed when it holds ``max_size`` items or when its oldest item has waited
 ``max_wait_s``, or at once when the caller's ``idle(key)`` says no more items for it are on
-their way (a lone job at idle does not wait for a batch that cannot fill). Items share a batch
+their way (a lone job at idle does not wait for a batch that cannot fill). While items are on
+their way, a group may wait longer than ``max_wait_s`` for them: up to a fraction of its last
+forward pass (``BatchPolicy.arriving_wait_fraction``), because when one pass takes a second
+(a CPU) a burst whose jobs finish decoding 50 ms apart should share it, and when a pass takes
+20 ms (a GPU) it should not wait more than a few ms. Items share a batch
 only when they share a key: the caller puts into the key everything that must be equal for one
 forward pass to serve them all.
 """
@@ -30,6 +34,9 @@ RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]
 class BatchPolicy:
     max_size: int
     max_wait_s: float
+    arriving_wait_fraction: float = 0.0
+    """While ``idle(key)`` is False, wait up to this fraction of the key's last pass."""
+    max_arriving_wait_s: float = 1.0
 
 
 class BatchSizeMismatch(RuntimeError):
@@ -69,6 +76,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.batch_sizes: Counter[int] = Counter()
         """How many batches of each size ran (the batch-size histogram)."""
+        self._last_pass_s: dict[Hashable, float] = {}
 
     # --- producer side ---------------------------------------------------------------------------
 
@@ -139,9 +147,10 @@ class Batcher:
         for key, group in self._groups.items():
             policy = self._policy(key)
             oldest = group.items[0].enqueued
-            due = oldest + policy.max_wait_s
+            idle = self._idle is not None and self._idle(key)
+            due = oldest + self._wait_s(key, policy, idle)
             full = len(group.items) >= policy.max_size
-            if force or full or due <= now or (self._idle is not None and self._idle(key)):
+            if force or full or due <= now or idle:
                 if best is None or oldest < best[0]:
                     best = (oldest, key)
             elif next_due is None or due < next_due:
@@ -156,11 +165,21 @@ class Batcher:
             del self._groups[key]
         return (key, items), None
 
+    def _wait_s(self, key: Hashable, policy: BatchPolicy, idle: bool) -> float:
+        """How long the oldest item of a group that is not full may wait for company."""
+        if idle or self._idle is None or not policy.arriving_wait_fraction:
+            return policy.max_wait_s
+        last_pass = self._last_pass_s.get(key, 0.0)
+        grace = min(policy.arriving_wait_fraction * last_pass, policy.max_arriving_wait_s)
+        return max(policy.max_wait_s, grace)
+
     def _execute(self, key: Hashable, items: list[_Item]) -> None:
         live = [item for item in items if item.future.set_running_or_notify_cancel()]
         if live:
             self.batch_sizes[len(live)] += 1
+            started = self._now()
             self._run_isolated(key, live)
+            self._last_pass_s[key] = self._now() - started
 
     def _run_isolated(self, key: Hashable, items: list[_Item]) -> None:
         """Run a batch; if it fails as a whole, split it so a bad item fails alone."""

@@ -154,7 +154,7 @@ def decode(data: bytes, limits: Limits, draft_side: int | None = None) -> Image.
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright RGB: EXIF rotation, palette/greyscale/CMYK/16-bit converted, alpha over white."""
-    image = ImageOps.exif_transpose(image) or image
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in {"RGBA", "LA", "PA"}:

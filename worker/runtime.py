@@ -228,7 +228,11 @@ class Runtime:
         spec = self.runners[key[0]].spec  # type: ignore[index]
         size = spec.max_batch_size or self.settings.max_batch_size
         wait_ms = spec.max_wait_ms if spec.max_wait_ms is not None else self.settings.max_wait_ms
-        return BatchPolicy(max_size=self.oom.limit(spec.name, size), max_wait_s=wait_ms / 1000)
+        return BatchPolicy(
+            max_size=self.oom.limit(spec.name, size),
+            max_wait_s=wait_ms / 1000,
+            arriving_wait_fraction=self.settings.arriving_wait_fraction,
+        )
 
     def _run_batch(self, key: Hashable, items: list[Any]) -> Sequence[_Done]:
         runner = self.runners[key[0]]  # type: ignore[index]

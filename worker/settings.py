@@ -122,6 +122,15 @@ class Settings(ClientSettings):
     max_wait_ms: float = Field(
         default=10.0, ge=0, le=60_000, description="Longest an item waits for its batch to fill."
     )
+    arriving_wait_fraction: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="While more jobs for a model are already being fetched and decoded, a batch "
+        "may wait for them longer than max_wait_ms: up to this fraction of the model's last "
+        "forward pass, at most 1 s (a burst shares a seconds-long CPU pass; a 20 ms GPU pass "
+        "waits 5 ms at most). 0 = max_wait_ms only.",
+    )
     concurrency: int | None = Field(
         default=None,
         ge=1,

@@ -150,3 +150,81 @@ def test_model_thread_serves_concurrent_submitters() -> None:
         t.join()
     batcher.stop(timeout=10)
     assert results == {i: i * 2 for i in range(100)}
+
+
+class Arrivals:
+    """The ``idle`` callback: how many items are still on their way (being prepared)."""
+
+    def __init__(self) -> None:
+        self.coming = 0
+
+    def __call__(self, key: Hashable) -> bool:
+        return self.coming == 0
+
+
+def make_arriving(fraction: float = 0.25) -> tuple[Batcher, Recorder, FakeClock, Arrivals]:
+    clock, arrivals = FakeClock(), Arrivals()
+
+    def run(key: Hashable, items: list[Any]) -> Sequence[Any]:
+        recorder.batches.append((key, list(items)))
+        clock.now += 1.0 * len(items)  # a CPU-like pass: one second per item
+        return [f"{key}:{item}" for item in items]
+
+    recorder = Recorder()
+    policy = BatchPolicy(8, 0.010, arriving_wait_fraction=fraction)
+    batcher = Batcher(run, lambda key: policy, clock=clock, idle=arrivals)
+    return batcher, recorder, clock, arrivals
+
+
+def test_a_slow_model_waits_for_items_on_their_way_a_fraction_of_its_last_pass() -> None:
+    batcher, run, clock, arrivals = make_arriving()
+    batcher.submit("k", "warm")
+    assert batcher.poll()  # nothing on its way: runs at once; the pass took 1 s
+    arrivals.coming = 3
+    batcher.submit("k", "a")
+    clock.now += 0.05  # well past max_wait (10 ms), but 3 more are being prepared
+    assert not batcher.poll()
+    arrivals.coming = 2
+    batcher.submit("k", "b")
+    clock.now += 0.2  # 0.25 s since "a": a quarter of the last pass
+    assert batcher.poll()
+    assert run.batches[-1] == ("k", ["a", "b"])
+
+
+def test_items_on_their_way_stop_being_waited_for_once_none_are_coming() -> None:
+    batcher, run, clock, arrivals = make_arriving()
+    batcher.submit("k", "warm")
+    batcher.poll()
+    arrivals.coming = 1
+    batcher.submit("k", "a")
+    clock.now += 0.05
+    assert not batcher.poll()
+    arrivals.coming = 0  # the last one failed to decode: nothing more is coming
+    assert batcher.poll()
+    assert run.batches[-1] == ("k", ["a"])
+
+
+def test_without_a_pass_on_record_or_with_fraction_zero_max_wait_applies() -> None:
+    for fraction, warm in ((0.25, False), (0.0, True)):
+        batcher, run, clock, arrivals = make_arriving(fraction)
+        if warm:
+            batcher.submit("k", "warm")
+            batcher.poll()
+        arrivals.coming = 5
+        batcher.submit("k", "a")
+        clock.now += 0.010
+        assert batcher.poll(), (fraction, warm)
+        assert run.batches[-1] == ("k", ["a"])
+
+
+def test_the_extra_wait_is_capped() -> None:
+    batcher, _, clock, arrivals = make_arriving(fraction=1.0)
+    for i in range(8):
+        batcher.submit("k", i)
+    batcher.poll()  # a full batch: an 8 s pass on record
+    arrivals.coming = 1
+    batcher.submit("k", "a")
+    clock.now += 0.99
+    assert not batcher.poll()
+    clock.now += 0.01  # max_arriving_wait_s (1 s), not 8 s
+    assert batcher.poll()
