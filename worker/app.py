@@ -50,7 +50,7 @@ def build_config() -> dict[str, Any]:
             # A worker killed while sweeping holds the sweep mutex until it expires.
             "unacked_mutex_expire": max(5, min(300, settings.visibility_timeout_s)),
         },
-        "worker_send_task_events": True,
+        "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
         "worker_hijack_root_logger": True,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
