@@ -8,7 +8,6 @@ matching scores and vision features within float tolerance.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,7 @@ SEED = 9_000_777  # a held-out dataset seed training never used
 N = 24
 URI = "s3://shapes/x.png"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, before))
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("at_most_two_torch_threads")
 
 
 def load(name: str, family: str, *, sdpa: bool = True) -> ModelRunner[Any]:

@@ -25,7 +25,10 @@ from worker.models.blip_match import MatchRunner
 from worker.models.blip_vqa import VqaRunner
 from worker.settings import ModelSpec
 
-pytestmark = pytest.mark.slow  # about 3 minutes of CPU on 2 cores
+pytestmark = [
+    pytest.mark.slow,  # about 3 minutes of CPU on 2 cores
+    pytest.mark.usefixtures("at_most_two_torch_threads"),
+]
 
 MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 CAPTION_SEED = 9_000_001
@@ -39,14 +42,6 @@ CPU = Placement(torch.device("cpu"), torch.float32)
 
 T = TypeVar("T")
 R = TypeVar("R", bound=ModelRunner[Any])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, before))
-    yield
-    torch.set_num_threads(before)
 
 
 def heldout(seed: int) -> list[tuple[world.Scene, Image.Image]]:

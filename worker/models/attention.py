@@ -43,19 +43,18 @@ class SdpaBlipAttention(BlipAttention):  # type: ignore[misc]
 
 def use_sdpa_attention(model: nn.Module) -> int:
     """Switch every eager BLIP vision attention module of ``model`` to SDPA; returns how many."""
-    swapped = 0
-    for module in model.modules():
-        if type(module) is BlipAttention:
-            module.__class__ = SdpaBlipAttention
-            swapped += 1
-    return swapped
+    return _swap(model, BlipAttention, SdpaBlipAttention)
 
 
 def use_eager_attention(model: nn.Module) -> int:
     """Undo ``use_sdpa_attention`` (for comparisons); returns how many modules changed."""
+    return _swap(model, SdpaBlipAttention, BlipAttention)
+
+
+def _swap(model: nn.Module, old: type[nn.Module], new: type[nn.Module]) -> int:
     swapped = 0
     for module in model.modules():
-        if type(module) is SdpaBlipAttention:
-            module.__class__ = BlipAttention
+        if type(module) is old:
+            module.__class__ = new
             swapped += 1
     return swapped
