@@ -39,6 +39,7 @@ class ResultWaiter:
         self._to_result = to_result
         self._sweep_s = sweep_s
         self._pending: dict[str, str] = {}  # result key -> job id
+        self._finished: list[str] = []  # keys to unsubscribe from, in one command
         self._pubsub = self._subscription()
         self._last_read = time.monotonic()
 
@@ -56,9 +57,11 @@ class ResultWaiter:
         self._pending.update(keys)
         try:
             self._pubsub.subscribe(*keys)
-            return self._read(list(keys))
+            found = self._read(list(keys))
         except redis.ConnectionError:
             return self._reconnect()
+        self._unsubscribe_finished()
+        return found
 
     def wait(self, timeout: float) -> list[JobResult]:
         """Results stored within ``timeout`` seconds: all that are ready, maybe none."""
@@ -78,6 +81,7 @@ class ResultWaiter:
         except redis.ConnectionError:
             time.sleep(min(timeout, 1.0))
             found += self._reconnect()
+        self._unsubscribe_finished()
         return found
 
     def drop(self, job_id: str) -> None:
@@ -110,15 +114,22 @@ class ResultWaiter:
         result = self._to_result(job_id, raw)
         if result is not None:
             del self._pending[key]
+            self._finished.append(key)
+        return result
+
+    def _unsubscribe_finished(self) -> None:
+        """One UNSUBSCRIBE for every key finished since the last (not one per result)."""
+        keys, self._finished = self._finished, []
+        if keys:
             # after a reconnect, the next subscription has only the pending keys
             with contextlib.suppress(redis.ConnectionError):
-                self._pubsub.unsubscribe(key)
-        return result
+                self._pubsub.unsubscribe(*keys)
 
     def _reconnect(self) -> list[JobResult]:
         """Redis restarted or the network blinked: subscribe again and re-read what is stored."""
         self._pubsub.close()
         self._pubsub = self._subscription()
+        self._finished.clear()
         try:
             keys = list(self._pending)
             self._pubsub.subscribe(*keys)
