@@ -107,9 +107,19 @@ SPECIAL = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SE
 BASE_VOCAB = 30522  # bert-base-uncased; BLIP adds [DEC] and [ENC] -> 30524
 
 
-def blip_base_random(seed: int = 0) -> Path:
-    """A cached full-size BLIP-base captioning checkpoint with random weights."""
-    directory = CACHE / f"blip-base-random-{_MODEL_VERSION}-s{seed}"
+ARCHS = ("base", "large")
+
+
+def blip_random(arch: str = "base", seed: int = 0) -> Path:
+    """A cached full-size BLIP captioning checkpoint with random weights.
+
+    ``base``: ViT-B/16 at 384 px + BERT-base (Salesforce/blip-image-captioning-base);
+    ``large``: ViT-L/16 at 384 px (1024 wide, 24 layers) + the same text model with
+    1024-wide cross-attention (Salesforce/blip-image-captioning-large).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, not {arch!r}")
+    directory = CACHE / f"blip-{arch}-random-{_MODEL_VERSION}-s{seed}"
     if (directory / "config.json").is_file() and (directory / "model.safetensors").is_file():
         return directory
     import torch
@@ -132,6 +142,12 @@ def blip_base_random(seed: int = 0) -> Path:
         additional_special_tokens=["[ENC]"],
     )
     config = BlipConfig()  # BLIP-base: ViT-B/16 @ 384 + BERT-base, vocab 30524
+    if arch == "large":
+        vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24}
+        config = BlipConfig(
+            vision_config={**vision, "num_attention_heads": 16},
+            text_config={"encoder_hidden_size": 1024},
+        )
     ids = tokenizer.convert_tokens_to_ids
     assert len(tokenizer) == config.text_config.vocab_size == 30524
     assert ids("[DEC]") == config.text_config.bos_token_id

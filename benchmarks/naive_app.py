@@ -46,7 +46,10 @@ def _load(**_: Any) -> None:
 
     source = os.environ["BENCH_MODEL"]
     _state["processor"] = BlipProcessor.from_pretrained(source)
-    _state["model"] = BlipForConditionalGeneration.from_pretrained(source).eval()
+    device = os.environ.get("BENCH_DEVICE", "cpu")
+    dtype = getattr(torch, os.environ.get("BENCH_DTYPE", "float32"))
+    model = BlipForConditionalGeneration.from_pretrained(source, dtype=dtype)
+    _state["model"] = model.to(device).eval()
     _state["generate"] = json.loads(os.environ.get("BENCH_GENERATE", "{}"))
     _state["s3"] = boto3.client(
         "s3",
@@ -64,7 +67,8 @@ def caption(bucket: str, key: str) -> str:
 
     body = _state["s3"].get_object(Bucket=bucket, Key=key)["Body"].read()
     image = Image.open(io.BytesIO(body)).convert("RGB")
-    inputs = _state["processor"](image, return_tensors="pt")
+    model = _state["model"]
+    inputs = _state["processor"](image, return_tensors="pt").to(model.device, model.dtype)
     with _state["torch"].inference_mode():
-        out = _state["model"].generate(**inputs, **_state["generate"])
+        out = model.generate(**inputs, **_state["generate"])
     return str(_state["processor"].decode(out[0], skip_special_tokens=True))

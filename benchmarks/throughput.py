@@ -94,6 +94,22 @@ class Options:
     torch_threads: int | None
     omp_wait_policy: str
     sdpa: bool
+    arch: str
+    device: str
+    dtype: str
+
+    def placement(self) -> tuple[str, str]:
+        """(device, dtype) for every mode: auto = CUDA in float16 when there is a GPU."""
+        import torch
+
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "float16" if device.startswith("cuda") else "float32"
+        return device, dtype
+
     json_path: Path | None
 
     @property
@@ -124,6 +140,7 @@ class Report:
     ratios: dict[str, dict[str, Any]] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
     batch_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
+    gpu: dict[str, Any] = field(default_factory=dict)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
     goals: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -260,6 +277,7 @@ def _blipq_env(opts: Options, servers: Servers, name: str, entry: dict[str, Any]
         env["BLIPQ_TORCH_THREADS"] = str(opts.torch_threads)
     if not opts.sdpa:
         env["BLIPQ_SDPA_ATTENTION"] = "false"
+    env["BLIPQ_DEVICE"], env["BLIPQ_DTYPE"] = opts.placement()
     return env
 
 
@@ -275,6 +293,7 @@ def _naive_env(opts: Options, servers: Servers, source: str) -> dict[str, str]:
     }
     if opts.torch_threads:
         env["OMP_NUM_THREADS"] = str(opts.torch_threads)
+    env["BENCH_DEVICE"], env["BENCH_DTYPE"] = opts.placement()
     return env
 
 
@@ -371,8 +390,10 @@ def bench_model(
         processor = BlipProcessor.from_pretrained(source)
         # The model card's way for the seed loop; the limit (bare) is the model as the blipq
         # worker runs it: the same weights with SDPA vision attention (worker.models.attention).
-        model = BlipForConditionalGeneration.from_pretrained(source).eval()
-        fast = BlipForConditionalGeneration.from_pretrained(source).eval()
+        device, dtype = opts.placement()
+        loaded = {"dtype": getattr(torch, dtype)}
+        model = BlipForConditionalGeneration.from_pretrained(source, **loaded).to(device).eval()
+        fast = BlipForConditionalGeneration.from_pretrained(source, **loaded).to(device).eval()
         if opts.sdpa:
             use_sdpa_attention(fast)
         tensors = [
@@ -412,6 +433,14 @@ def bench_model(
             # The most any batching system could gain over the seed loop on this machine.
             _ratio(report, samples, "bare", "seed_loop")
             report.batch_sizes["blipq"] = _histogram(blipq)
+            if device.startswith("cuda"):
+                free, total = torch.cuda.mem_get_info()
+                report.gpu = {
+                    "name": torch.cuda.get_device_name(),
+                    "bare_peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20),
+                    # Every process on the GPU (this one's two models, both workers' models).
+                    "device_used_mib": round((total - free) / 2**20),
+                }
             _log("idle latency: pairs of a bare single-image pass and a single blipq job")
             _idle_latency(report, blipq, keys, opts.latency_samples, bare)
         report.peak_rss_mib["blipq_worker"] = _peak_rss_mib(_pid(blipq_worker))
@@ -560,6 +589,8 @@ def render(report: Report) -> str:
         out += _latency_table(mode, lat)
     for mode, hist in report.batch_sizes.items():
         out.append(f"\n{mode} batches by size: " + ", ".join(f"{k}: {v}" for k, v in hist.items()))
+    if report.gpu:
+        out.append("GPU: " + ", ".join(f"{k} {v}" for k, v in report.gpu.items()))
     if report.peak_rss_mib:
         rss = ", ".join(f"{k} {v:.0f} MiB" for k, v in report.peak_rss_mib.items())
         out.append(f"peak RSS (VmHWM): {rss}")
@@ -572,6 +603,12 @@ def render(report: Report) -> str:
 
 
 # --- main ----------------------------------------------------------------------------------------
+
+
+def fixtures_archs() -> tuple[str, ...]:
+    from benchmarks.fixtures import ARCHS
+
+    return ARCHS
 
 
 def parse(argv: Sequence[str] | None = None) -> Options:
@@ -612,6 +649,14 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         help="run the blipq worker and bare with transformers' eager BLIP attention "
         "(BLIPQ_SDPA_ATTENTION=false)",
     )
+    add("--arch", choices=fixtures_archs(), default="base", help="random-weight BLIP to build")
+    add("--device", default="auto", help="auto | cpu | cuda | cuda:N, for every mode")
+    add(
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        default="auto",
+        help="auto: float16 on CUDA (the model card's GPU recipe), float32 on CPU",
+    )
     add("--json", type=Path, help="also write the report as JSON to this path")
     a = parser.parse_args(argv)
     # images, jobs, rounds, latency samples, bare batch sizes
@@ -636,6 +681,9 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         torch_threads=a.torch_threads,
         omp_wait_policy=a.omp_wait_policy,
         sdpa=not a.eager_attention,
+        arch=a.arch,
+        device=a.device,
+        dtype=a.dtype,
         json_path=a.json,
     )
 
@@ -677,12 +725,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "images_kb": [min(sizes), max(sizes)],
             "loadavg_at_start": _loadavg(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "device_dtype": list(opts.placement()),
         },
     )
     source = opts.model
     if not opts.null_model and source is None:
-        _log("building (or reusing) the random-weight BLIP-base checkpoint")
-        source = str(fixtures.blip_base_random())
+        _log(f"building (or reusing) the random-weight BLIP-{opts.arch} checkpoint")
+        source = str(fixtures.blip_random(opts.arch))
     report.options["model"] = source or "null"
     redis_server = EmbeddedRedis().start()
     s3_server = EmbeddedS3().start()
