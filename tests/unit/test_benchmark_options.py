@@ -1,0 +1,40 @@
+"""The throughput benchmark's options: where every mode runs, and what each decodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import fixtures
+from benchmarks.throughput import parse
+
+
+def test_auto_placement_is_cuda_in_float16_only_with_a_gpu() -> None:
+    expected = ("cuda", "float16") if torch.cuda.is_available() else ("cpu", "float32")
+    assert parse(["--quick"]).placement() == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "placement"),
+    [
+        (["--device", "cuda"], ("cuda", "float16")),  # the model card's GPU recipe
+        (["--device", "cuda:1", "--dtype", "bfloat16"], ("cuda:1", "bfloat16")),
+        (["--device", "cpu"], ("cpu", "float32")),
+        (["--device", "cpu", "--dtype", "bfloat16"], ("cpu", "bfloat16")),
+    ],
+)
+def test_explicit_placement(argv: list[str], placement: tuple[str, str]) -> None:
+    assert parse(argv).placement() == placement
+
+
+def test_every_mode_decodes_the_same_fixed_length_greedily() -> None:
+    kwargs = parse(["--max-new-tokens", "5"]).generate_kwargs
+    assert kwargs == {"max_new_tokens": 5, "min_new_tokens": 5, "num_beams": 1, "do_sample": False}
+
+
+def test_architectures() -> None:
+    assert parse([]).arch == "base" and parse(["--arch", "large"]).arch == "large"
+    with pytest.raises(SystemExit):
+        parse(["--arch", "huge"])
+    with pytest.raises(ValueError, match="arch must be one of"):
+        fixtures.blip_random("huge")
