@@ -27,6 +27,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+PASS_HISTORY = 1024  # group keys whose last pass duration is remembered
 RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]
 
 
@@ -179,7 +180,11 @@ class Batcher:
             self.batch_sizes[len(live)] += 1
             started = self._now()
             self._run_isolated(key, live)
+            # Keys hold job options (a prompt): keep the most recent ones, not every one ever.
+            self._last_pass_s.pop(key, None)
             self._last_pass_s[key] = self._now() - started
+            if len(self._last_pass_s) > PASS_HISTORY:
+                del self._last_pass_s[next(iter(self._last_pass_s))]
 
     def _run_isolated(self, key: Hashable, items: list[_Item]) -> None:
         """Run a batch; if it fails as a whole, split it so a bad item fails alone."""

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from worker.batcher import Batcher, BatchPolicy, BatchSizeMismatch
+from worker.batcher import PASS_HISTORY, Batcher, BatchPolicy, BatchSizeMismatch
 
 
 class FakeClock:
@@ -228,3 +228,13 @@ def test_the_extra_wait_is_capped() -> None:
     assert not batcher.poll()
     clock.now += 0.01  # max_arriving_wait_s (1 s), not 8 s
     assert batcher.poll()
+
+
+def test_pass_history_is_bounded_and_keeps_the_recent_keys() -> None:
+    batcher = make_arriving()[0]
+    for i in range(PASS_HISTORY + 50):  # e.g. a new prompt in every job
+        batcher.submit(("m", f"prompt {i}"), i)
+        batcher.poll()
+    history = batcher._last_pass_s
+    assert len(history) == PASS_HISTORY
+    assert ("m", "prompt 0") not in history and ("m", f"prompt {PASS_HISTORY + 49}") in history
