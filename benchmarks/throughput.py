@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from benchmarks.fixtures import ARCHS
 from benchmarks.modes import (
     BUCKET,
     REPO,
@@ -605,12 +606,6 @@ def render(report: Report) -> str:
 # --- main ----------------------------------------------------------------------------------------
 
 
-def fixtures_archs() -> tuple[str, ...]:
-    from benchmarks.fixtures import ARCHS
-
-    return ARCHS
-
-
 def parse(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.throughput",
@@ -649,7 +644,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         help="run the blipq worker and bare with transformers' eager BLIP attention "
         "(BLIPQ_SDPA_ATTENTION=false)",
     )
-    add("--arch", choices=fixtures_archs(), default="base", help="random-weight BLIP to build")
+    add("--arch", choices=ARCHS, default="base", help="random-weight BLIP to build")
     add("--device", default="auto", help="auto | cpu | cuda | cuda:N, for every mode")
     add(
         "--dtype",

@@ -62,6 +62,17 @@ TINY_POLICY = {
 }
 
 
+def _serve(
+    redis_server: EmbeddedRedis, env: dict[str, str]
+) -> Iterator[tuple[EmbeddedRedis, WorkerProcess]]:
+    """A worker on its own Redis for a module's tests; it must exit cleanly after them."""
+    worker = WorkerProcess(env, cwd=REPO).start()
+    yield redis_server, worker
+    code = worker.stop()
+    redis_server.close()
+    assert code == 0, worker.log()[-5000:]
+
+
 @pytest.fixture(scope="module")
 def tiny_policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("policies") / "tiny.yaml"
@@ -82,11 +93,7 @@ def tiny_moderation(
         BLIPQ_MAX_BATCH_SIZE="8",
         BLIPQ_MAX_WAIT_MS="50",
     )
-    worker = WorkerProcess(env, cwd=REPO).start()
-    yield redis_server, worker
-    code = worker.stop()
-    redis_server.close()
-    assert code == 0, worker.log()[-5000:]
+    yield from _serve(redis_server, env)
 
 
 def test_moderation_jobs_equal_the_in_process_runner(
@@ -180,11 +187,7 @@ def shapes_moderation(s3_server: EmbeddedS3) -> Iterator[tuple[EmbeddedRedis, Wo
     env = worker_env(
         redis_server, s3_server, {"shapes-match": str(SHAPES_MATCH)}, BLIPQ_MAX_WAIT_MS="30"
     )
-    worker = WorkerProcess(env, cwd=REPO).start()
-    yield redis_server, worker
-    code = worker.stop()
-    redis_server.close()
-    assert code == 0, worker.log()[-5000:]
+    yield from _serve(redis_server, env)
 
 
 def test_shapes_policy_flags_exactly_the_images_with_red(
