@@ -116,6 +116,14 @@ class Settings(ClientSettings):
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch (default: all cores)."
     )
+    gil_switch_interval_ms: float = Field(
+        default=0.5,
+        gt=0,
+        le=100,
+        description="Python's GIL switch interval in the worker (Python's default: 5). "
+        "Shorter lets the consumer loop and the I/O threads back in sooner while other "
+        "threads run Python: +15 % null-model images/s at 0.5.",
+    )
 
     # --- batching ---
     max_batch_size: int = Field(default=16, ge=1, le=1024, description="Items per forward pass.")
@@ -154,6 +162,12 @@ class Settings(ClientSettings):
     )
     s3_allowed_buckets: Annotated[list[str] | None, NoDecode] = Field(
         default=None, description="If set, only these buckets may be read."
+    )
+    s3_direct_get: bool = Field(
+        default=True,
+        description="Read objects over a URL boto3 presigns, with urllib3 (0.5 ms of CPU per "
+        "GET instead of get_object's 1.4 ms); false, or an HTTP proxy in the environment: "
+        "get_object.",
     )
     s3_connect_timeout_s: float = Field(
         default=5.0, gt=0, description="Seconds to connect to the object store."

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from worker.runtime import configure_process
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,3 +58,14 @@ def test_no_module_under_producer_mentions_worker() -> None:
         for line in path.read_text().splitlines():
             stripped = line.strip()
             assert not stripped.startswith(("import worker", "from worker")), (path, line)
+
+
+def test_the_worker_process_hands_the_gil_over_at_the_configured_interval() -> None:
+    before = sys.getswitchinterval()
+    try:
+        configure_process(Settings(gil_switch_interval_ms=0.7))
+        assert sys.getswitchinterval() == pytest.approx(0.0007)
+        configure_process(Settings())
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
