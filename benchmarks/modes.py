@@ -241,25 +241,47 @@ class Blipq:
 
 
 class Floor:
-    """A plain thread pool doing only S3 GET + decode + resize; no queue, nothing else."""
+    """A plain thread pool doing only S3 GET + decode + resize; no queue, nothing else.
 
-    name = "floor"
+    ``worker_code=False``: the obvious code (boto3 get_object, PIL open, PIL resize). True: the
+    worker's own code for the same steps (``worker.storage.ObjectReader``, ``worker.images``
+    with its JPEG draft, its torch resize), so blipq over it is the cost of the system alone.
+    """
 
-    def __init__(self, s3_server: Any, threads: int) -> None:
+    def __init__(self, s3_server: Any, threads: int, *, worker_code: bool = False) -> None:
+        self.name = "floor_worker_code" if worker_code else "floor"
         self.s3_server = s3_server
+        self.worker_code = worker_code
         self.set_threads(threads)
         self.keys: list[str] = []
 
     def set_threads(self, threads: int) -> None:
         self.threads = threads
         self.s3 = s3_client(self.s3_server, pool=max(10, threads))
+        if self.worker_code:
+            from worker.images import Limits
+            from worker.storage import ObjectReader
+
+            limits = Limits(max_bytes=25 * 2**20, max_pixels=50_000_000)
+            self.reader = ObjectReader(self.s3, limits, pool_size=max(10, threads))
 
     def one(self, key: str) -> tuple[int, int]:
         from PIL import Image
 
-        body = self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        image = Image.open(io.BytesIO(body)).convert("RGB")
         side = NULL_INPUT_SIZE
+        if self.worker_code:
+            from producer.jobs import ImageRef
+            from worker import images
+            from worker.models.base import resized_uint8
+
+            data = self.reader.read(ImageRef(BUCKET, key))
+            draft = max(2 * side, images.MIN_DRAFT_SIDE)  # as the worker asks
+            image = images.decode(data, self.reader.limits, draft)
+            resized = resized_uint8(image, (side, side), Image.Resampling.BICUBIC)
+            return (int(resized.shape[2]), int(resized.shape[1]))
+        else:
+            body = self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+            image = Image.open(io.BytesIO(body)).convert("RGB")
         return image.resize((side, side), resample=Image.Resampling.BICUBIC).size
 
     def warm(self) -> None:

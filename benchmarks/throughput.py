@@ -15,7 +15,9 @@ the blipq worker run the model with SDPA vision attention (``worker.models.atten
 ``seed_loop`` and ``celery_naive`` run it as the model card loads it.
 
 ``--null-model`` replaces inference with a no-op (the ``null`` model family) and compares blipq
-with the raw floor: a plain thread pool doing only S3 GET + decode + resize of the same images,
+with the raw floor: a plain thread pool doing only S3 GET + decode + resize of the same images
+(``floor``: boto3 get_object, PIL; ``floor_worker_code``: the worker's own reader and decoder, so
+that blipq over it is the cost of the queue, batching and results alone),
 and also runs ``blipq_null_chunked``: the same jobs in chunk messages of ``--per-message`` jobs
 (``producer.chunks``).
 
@@ -494,12 +496,19 @@ def bench_null(report: Report, opts: Options, servers: Servers) -> None:
             floor.set_threads(int(max(sweep, key=lambda t: sweep[t])))
             floor.warm()
             report.sweeps["floor_images_per_s_by_threads"] = sweep
+            same_code = Floor(servers.s3, floor.threads, worker_code=True)
+            same_code.keys = keys
+            same_code.warm()
+            modes.insert(1, same_code)
             samples = rounds(modes, todo, opts.rounds, meter)
-            _record(report, samples, {"floor": {"threads": floor.threads}})
+            threads = {"threads": floor.threads}
+            _record(report, samples, {"floor": threads, same_code.name: threads})
             _ratio(report, samples, "blipq_null", "floor")
+            _ratio(report, samples, "blipq_null", same_code.name)
             report.batch_sizes["blipq_null"] = _histogram(blipq)
             if chunked is not None:
                 _ratio(report, samples, "blipq_null_chunked", "floor")
+                _ratio(report, samples, "blipq_null_chunked", same_code.name)
                 _ratio(report, samples, "blipq_null_chunked", "blipq_null")
                 report.batch_sizes["blipq_null_chunked"] = _histogram(chunked)
                 report.modes["blipq_null_chunked"]["per_message"] = opts.per_message

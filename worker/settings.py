@@ -116,6 +116,12 @@ class Settings(ClientSettings):
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch (default: all cores)."
     )
+    exact_resize: bool = Field(
+        default=False,
+        description="Resize images with PIL as BLIP's processor does (the same pixels exactly) "
+        "instead of torch's antialiased resize of the same filter: 5x faster, within one 8-bit "
+        "level of PIL's.",
+    )
     gil_switch_interval_ms: float = Field(
         default=0.5,
         gt=0,

@@ -27,7 +27,7 @@ from tests.fixtures.tiny_blip2 import (
 )
 from worker.models.base import Placement
 from worker.models.blip2 import Blip2Runner, vqa_prompt
-from worker.settings import ModelSpec
+from worker.settings import ModelSpec, Settings
 
 CPU = Placement(torch.device("cpu"), torch.float32)
 FAMILIES = ["opt", "t5"]
@@ -61,6 +61,9 @@ def runners(model_dirs: dict[str, Path]) -> dict[str, Blip2Runner]:
     for family, directory in model_dirs.items():
         runner = Blip2Runner(ModelSpec(name="tiny", source=str(directory), family="blip2"), CPU)
         runner.load()
+        # The processor's pixels exactly: compared token for token with the model card's way
+        # (a random-weight model flips a near-tied token on a one-level pixel difference).
+        runner.bind({"tiny": runner}, Settings(exact_resize=True))
         loaded[family] = runner
     return loaded
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from producer.errors import JobFailure
 from producer.jobs import CaptionJob, CaptionOutput, ErrorCode, VqaJob, VqaOutput
-from worker.models.base import ModelRunner, pixel_values, stack_pixels
+from worker.models.base import ModelRunner, stack_pixels
 
 MAX_PROMPT_TOKENS = 512
 """Longest prompt accepted, image query tokens included (or the LM's positions, if fewer)."""
@@ -152,7 +152,7 @@ class Blip2Runner(ModelRunner[Blip2Job]):
                 code=ErrorCode.INVALID_JOB,
             )
         prompt, input_ids = self.encode(job)
-        return Blip2Item(pixel_values(self.image_processor, image), input_ids, job, prompt)
+        return Blip2Item(self.pixels(self.image_processor, image), input_ids, job, prompt)
 
     def group_key(self, item: Blip2Item) -> Hashable:
         # Only prompts of the same token length share a batch (the safe choice): such a batch

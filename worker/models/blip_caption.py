@@ -12,7 +12,7 @@ from PIL import Image
 
 from producer.jobs import CaptionJob, CaptionOutput
 from worker import capfilt
-from worker.models.base import ModelRunner, load_blip_processor, pixel_values, stack_pixels
+from worker.models.base import ModelRunner, load_blip_processor, stack_pixels
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +61,13 @@ class CaptionRunner(ModelRunner[CaptionJob]):
         return job.scorer or default
 
     def prepare(self, job: CaptionJob, image: Image.Image) -> CaptionItem:
-        pixels = pixel_values(self.image_processor, image)
+        pixels = self.pixels(self.image_processor, image)
         if job.prompt is not None:
             self._encode_prompt(job.prompt)
         scorer_pixels = None
         if job.candidates:
             scorer = capfilt.resolve_scorer(self.peers, self._scorer_name(job))
-            scorer_pixels = pixel_values(scorer.image_processor, image)
+            scorer_pixels = scorer.pixels(scorer.image_processor, image)
         return CaptionItem(pixel_values=pixels, job=job, scorer_pixels=scorer_pixels)
 
     def _encode_prompt(self, prompt: str) -> dict[str, torch.Tensor]:

@@ -33,7 +33,6 @@ from worker.models.base import (
     ModelRunner,
     Placement,
     load_blip_processor,
-    pixel_values,
     stack_pixels,
 )
 from worker.settings import ModelSpec, Settings
@@ -109,9 +108,9 @@ class MatchRunner(ModelRunner[MatchJob | ModerationJob]):
         self, job: MatchJob | ModerationJob, image: Image.Image
     ) -> MatchItem | ModerationItem:
         if isinstance(job, ModerationJob):
-            return ModerationItem(pixel_values(self.image_processor, image), self._policy(job), job)
+            return ModerationItem(self.pixels(self.image_processor, image), self._policy(job), job)
         ids = [self.tokenizer(text)["input_ids"] for text in job.texts]
-        return MatchItem(pixel_values(self.image_processor, image), ids, job)
+        return MatchItem(self.pixels(self.image_processor, image), ids, job)
 
     def _policy(self, job: ModerationJob) -> moderation.Policy:
         policy = self.policies.get(job.policy)

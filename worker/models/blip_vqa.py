@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from producer.jobs import VqaJob, VqaOutput
-from worker.models.base import ModelRunner, load_blip_processor, pixel_values, stack_pixels
+from worker.models.base import ModelRunner, load_blip_processor, stack_pixels
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,7 @@ class VqaRunner(ModelRunner[VqaJob]):
 
     def prepare(self, job: VqaJob, image: Image.Image) -> VqaItem:
         ids = self.tokenizer(job.question, return_tensors="pt")["input_ids"][0]
-        return VqaItem(pixel_values(self.image_processor, image), ids, job)
+        return VqaItem(self.pixels(self.image_processor, image), ids, job)
 
     def group_key(self, item: VqaItem) -> Hashable:
         # The answer decoder attends to every question position (transformers passes an all-ones

@@ -2,8 +2,8 @@
 
 Served like any model (``BLIPQ_MODELS='{"null": {"source": "null", "family": "null"}}'``), it
 measures what the system itself costs per job: queue, S3 fetch, decode, the resize to the
-model's input size, batching, storing and publishing the result. ``prepare`` does the resize a
-BLIP image processor does (bicubic, to the input size) and keeps nothing but a tiny item;
+model's input size, batching, storing and publishing the result. ``prepare`` does the resize the
+BLIP runners do (bicubic, to the input size) and keeps nothing but a tiny item;
 ``run_batch`` returns one empty caption per item at once.
 
 Fault injection (off unless a model map entry sets it; no other family accepts it): with
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from producer.jobs import CaptionJob, CaptionOutput
-from worker.models.base import ModelRunner
+from worker.models.base import ModelRunner, resized_uint8
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,10 @@ class NullRunner(ModelRunner[CaptionJob]):
 
     def prepare(self, job: CaptionJob, image: Image.Image) -> NullItem:
         side = self.input_size
-        resized = image.resize((side, side), resample=Image.Resampling.BICUBIC)
-        return NullItem(job=job, size=resized.size)
+        # The resize the BLIP runners do (worker.models.base.pixel_values).
+        bicubic = Image.Resampling.BICUBIC
+        resized = resized_uint8(image, (side, side), bicubic, exact=self.exact_resize)
+        return NullItem(job=job, size=(int(resized.shape[2]), int(resized.shape[1])))
 
     def input_side(self) -> int | None:
         return self.input_size
