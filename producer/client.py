@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 # How many result keys one results() call subscribes to at a time.
 _SUBSCRIBE_CHUNK = 1000
+_IDLE_WAITERS = 8  # finished waiters kept for reuse
 # kombu's Redis transport keeps priorities 3, 6, 9 in sub-queues named queue + sep + step.
 _PRIORITY_SEP = "\x06\x16"
 
@@ -54,6 +56,10 @@ class Client:
         self.settings = base.model_copy(update=overrides) if overrides else base
         self._app = make_app(self.settings)
         self._redis = redis.Redis.from_url(self.settings.redis_url)
+        # Waiters whose jobs are all done, kept subscribed-to-nothing for the next ``results``:
+        # a waiter of its own per call opened a connection (connect + HELLO) per call.
+        self._idle_waiters: list[ResultWaiter] = []
+        self._waiters_lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> Client:
@@ -157,7 +163,7 @@ class Client:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         for start in range(0, len(job_ids), _SUBSCRIBE_CHUNK):
-            waiter = self.waiter()
+            waiter = self._borrow_waiter()
             try:
                 yield from waiter.add(job_ids[start : start + _SUBSCRIBE_CHUNK])
                 while len(waiter):
@@ -166,11 +172,27 @@ class Client:
                         raise ResultTimeout(f"{len(waiter)} results still pending")
                     yield from waiter.wait(min(wait, 1.0))
             finally:
-                waiter.close()
+                # Also when the caller stops early (``result`` takes one and returns).
+                self._give_back(waiter)
 
     def waiter(self) -> ResultWaiter:
         """A subscription that waits for the results of the jobs added to it."""
         return ResultWaiter(self._redis, self._app.backend, self._to_result)
+
+    def _borrow_waiter(self) -> ResultWaiter:
+        with self._waiters_lock:
+            if self._idle_waiters:
+                return self._idle_waiters.pop()
+        return self.waiter()
+
+    def _give_back(self, waiter: ResultWaiter) -> None:
+        """Keep a waiter with nothing pending (a few: one per thread waiting at once)."""
+        if waiter.idle():
+            with self._waiters_lock:
+                if len(self._idle_waiters) < _IDLE_WAITERS:
+                    self._idle_waiters.append(waiter)
+                    return
+        waiter.close()  # a timeout or an early stop: its subscriptions go with it
 
     def _to_result(self, job_id: str, raw: bytes | str | None) -> JobResult | None:
         """The final result in a stored meta record, or None while the job is not done."""
@@ -268,6 +290,10 @@ class Client:
         }
 
     def close(self) -> None:
+        with self._waiters_lock:
+            idle, self._idle_waiters = self._idle_waiters, []
+        for waiter in idle:
+            waiter.close()
         self._redis.close()
         self._app.close()
 

@@ -5,15 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
 
 from producer.config import ClientSettings
+
+
+class ResultBackend(RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend, without subscribing to each task's result as it is sent.
+
+    Celery subscribes to a task's result channel while sending it, for ``AsyncResult.get``.
+    blipq waits with ``producer.waiting`` instead, so that was a round trip in every submit
+    (before the message went out) and a second, unread copy of every result on a connection
+    of the producer's. Results are stored and published exactly as before.
+    """
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
+RESULT_BACKEND = f"{__name__}:{ResultBackend.__name__}"
 
 
 def celery_config(settings: ClientSettings) -> dict[str, Any]:
     """Settings both sides must agree on. Pickle is never accepted, on either side."""
     return {
         "broker_url": settings.effective_broker_url,
-        "result_backend": settings.redis_url,
+        # Celery's Redis backend, less the SUBSCRIBE it sends with every task (ResultBackend).
+        "result_backend": f"{RESULT_BACKEND}+{settings.redis_url}",
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

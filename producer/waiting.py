@@ -90,6 +90,10 @@ class ResultWaiter:
         if self._pending.pop(key, None) is not None:
             self._pubsub.unsubscribe(key)
 
+    def idle(self) -> bool:
+        """Nothing pending, every finished key unsubscribed: as good as new, minus a connect."""
+        return not self._pending and not self._finished
+
     def close(self) -> None:
         self._pubsub.close()
 
