@@ -15,6 +15,7 @@ false, ``get_object`` is used instead.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import urllib.request
 from typing import TYPE_CHECKING, Any
@@ -106,7 +107,7 @@ class ObjectReader:
             maxsize=pool_size,
             timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
             retries=retries,
-            ca_certs=get_cert_path(True),
+            **_trust(s3),
         )
 
     @classmethod
@@ -204,6 +205,17 @@ def _classify(code: str, status: int, ref: ImageRef) -> JobFailure:
     if status >= 500 or status == 429 or code in _TRANSIENT:
         return Retryable(f"object store error {code or status} reading {ref.uri}")
     return ImageFailure(f"cannot read {ref.uri}: {code} {status}", code=ErrorCode.INVALID_IMAGE)
+
+
+def _trust(s3: S3Client) -> dict[str, Any]:
+    """TLS verification as boto3 does it for this client (``AWS_CA_BUNDLE``, ``ca_bundle`` in
+    the AWS config, ``verify=``), so a private CA trusted for get_object is trusted here too."""
+    session = getattr(getattr(s3, "_endpoint", None), "http_session", None)
+    verify = getattr(session, "_verify", True)  # botocore keeps no public handle on it
+    if verify is False:
+        return {"cert_reqs": "CERT_NONE"}
+    path = str(get_cert_path(verify))
+    return {"ca_cert_dir": path} if os.path.isdir(path) else {"ca_certs": path}
 
 
 def _proxied(endpoint_url: str) -> bool:

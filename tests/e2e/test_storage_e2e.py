@@ -121,3 +121,21 @@ def test_an_http_proxy_in_the_environment_means_get_object(
     reader = _reader(s3_server, direct=True)
     assert reader.direct
     assert reader.read(ImageRef(BUCKET, "plain.jpg")) == objects["plain.jpg"]
+
+
+def test_tls_trust_follows_boto3s(
+    s3_server: EmbeddedS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    bundle = tmp_path / "private-ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
+    reader = _reader(s3_server, direct=True)
+    assert reader._http.connection_pool_kw["ca_certs"] == str(bundle)
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    settings = Settings(
+        s3_endpoint_url="https://127.0.0.1:9", s3_access_key_id="k", s3_secret_access_key="s"
+    )
+    s3 = make_s3_client(settings)
+    s3._endpoint.http_session._verify = False  # as boto3's verify=False leaves it
+    insecure = ObjectReader(s3, LIMITS)
+    assert insecure._http.connection_pool_kw["cert_reqs"] == "CERT_NONE"
