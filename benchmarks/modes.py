@@ -272,7 +272,7 @@ class Floor:
         if self.worker_code:
             from producer.jobs import ImageRef
             from worker import images
-            from worker.models.base import resized_uint8
+            from worker.models.resize import resized_uint8
 
             data = self.reader.read(ImageRef(BUCKET, key))
             draft = max(2 * side, images.MIN_DRAFT_SIDE)  # as the worker asks

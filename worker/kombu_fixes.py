@@ -21,7 +21,9 @@ import redis
 from kombu.transport import redis as kombu_redis
 
 _Channel: Any = kombu_redis.Channel
-_original = _Channel._connparams
+# On a second import (importlib.reload re-runs this in the same module namespace), the method
+# is already the wrapper: keep calling the real one, or the wrapper would call itself.
+_original = getattr(_Channel._connparams, "_blipq_original", _Channel._connparams)
 
 
 def _connparams(self: Any, asynchronous: bool = False) -> Any:
@@ -30,6 +32,7 @@ def _connparams(self: Any, asynchronous: bool = False) -> Any:
     return _original(self, asynchronous)
 
 
-if not getattr(_original, "_blipq_fix", False):
+if not getattr(_Channel._connparams, "_blipq_fix", False):
     _connparams._blipq_fix = True  # type: ignore[attr-defined]
+    _connparams._blipq_original = _original  # type: ignore[attr-defined]
     _Channel._connparams = _connparams

@@ -26,3 +26,6 @@ def test_the_fix_is_applied_once() -> None:
     patched = kombu_redis.Channel._connparams
     importlib.reload(worker.kombu_fixes)  # a second import must not wrap the wrapper
     assert kombu_redis.Channel._connparams is patched
+    # ... nor make the wrapper call itself: it still calls kombu's own method.
+    assert worker.kombu_fixes._original is not patched
+    assert not getattr(worker.kombu_fixes._original, "_blipq_fix", False)

@@ -9,11 +9,11 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import numpy as np
 import torch
 from PIL import Image
 
 from producer.jobs import AnyJob
+from worker.models.resize import resized_uint8
 from worker.settings import ModelSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -120,12 +120,9 @@ def pixel_values(image_processor: Any, image: Image.Image, *, exact: bool = Fals
 
     BLIP's processors only resize (PIL), rescale and normalize: done directly (one resize, then
     in-place torch ops) that is 2.9x faster than the processor call (41 -> 14 ms for a 1.5 MP
-    photo). Where it gives PIL's pixels (``_torch_matches_pil``: shrinking landscape and square
-    images), the resize is torch's antialiased bicubic/bilinear on 8-bit pixels, the same
-    filter as PIL's, another 5x faster (8.0 -> 1.6 ms from 1436 px to 384 px), within two 8-bit
-    levels of PIL's (``RESIZE_TOLERANCE`` after normalizing), with under 1 % of a photo's values
-    off by one (tests/unit/test_fast_preprocess.py). Otherwise, or ``exact``: PIL's resize, equal
-    to the processor within 1e-6. Any other configuration goes through the processor itself.
+    photo). Shrinking, the resize is torch's (``worker.models.resize``: PIL's filter and pass
+    order, 5x faster, within two 8-bit levels); enlarging, or ``exact``: PIL's, equal to the
+    processor within 1e-6. Any other configuration goes through the processor itself.
     """
     plan = _fast_plan(image_processor)
     if plan is None:
@@ -140,49 +137,6 @@ def pixel_values(image_processor: Any, image: Image.Image, *, exact: bool = Fals
     if mean is not None and std is not None:
         tensor.sub_(mean).div_(std)
     return tensor.contiguous()
-
-
-_TORCH_RESIZE = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
-RESIZE_TOLERANCE = 2 / 255 / 0.26  # two 8-bit levels over the smallest std BLIP normalizes by
-
-
-def _torch_matches_pil(source: tuple[int, int], target: tuple[int, int]) -> bool:
-    """Whether torch's resize gives PIL's pixels (within 2 levels) for these sizes.
-
-    Both resize in two passes with 8-bit rounding (and clipping) in between; torch always
-    resizes the width first, Pillow sometimes the height first when an image shrinks more in
-    height than in width, and the clipped overshoot of a sharp edge then differs by up to 28
-    levels. Enlarging differs too (up to 12 levels on noise). So: shrinking, and no more in
-    height than in width (landscape and square photos to BLIP's square input); else PIL.
-    """
-    (width, height), (to_width, to_height) = source, target
-    shrinks = width >= to_width and height >= to_height
-    return shrinks and height * to_width <= width * to_height
-
-
-def chw_uint8(image: Image.Image) -> torch.Tensor:
-    """An RGB image as a (3, H, W) uint8 tensor (a view of a copy torch owns)."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def resized_uint8(
-    image: Image.Image, size: tuple[int, int], resample: Image.Resampling, *, exact: bool = False
-) -> torch.Tensor:
-    """An RGB image resized to ``size`` (width, height) as PIL does, as a (3, H, W) uint8 tensor."""
-    if image.size == size:
-        return chw_uint8(image)
-    if exact or resample not in _TORCH_RESIZE or not _torch_matches_pil(image.size, size):
-        return chw_uint8(image.resize(size, resample=resample))
-    return resize_uint8(chw_uint8(image), size, _TORCH_RESIZE[resample])
-
-
-def resize_uint8(chw: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """PIL's antialiased resize (``size`` = (width, height)) on a uint8 (3, H, W) tensor."""
-    width, height = size
-    out = torch.nn.functional.interpolate(
-        chw.unsqueeze(0), size=(height, width), mode=mode, antialias=True
-    )
-    return out[0]
 
 
 _FastPlan = tuple[

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from producer.jobs import CaptionJob, CaptionOutput
-from worker.models.base import ModelRunner, resized_uint8
+from worker.models.base import ModelRunner
+from worker.models.resize import resized_uint8
 
 log = logging.getLogger(__name__)
 
