@@ -271,7 +271,8 @@ def test_cli_killed_hard_resumes_with_force(
     s3,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
-    uris = upload(s3, "bulk-kill", "p/", 80)
+    # Enough items that the run is still going when it is killed (16 in flight at most).
+    uris = upload(s3, "bulk-kill", "p/", 240)
     env = cli_env(redis_server, s3_server)
     out = tmp_path / "results.csv"
     command = [
@@ -281,12 +282,14 @@ def test_cli_killed_hard_resumes_with_force(
     ]  # fmt: skip
     first = subprocess.Popen([*BLIPQ, *command], env=env, cwd=REPO)
     try:
-        wait_for_done(redis_client, "killed-1", 30)
+        wait_for_done(redis_client, "killed-1", 16)
         first.kill()  # SIGKILL: no cleanup, the lease stays until it expires
         first.wait(timeout=30)
     finally:
         if first.poll() is None:
             first.kill()
+    done = int(redis_client.hget(BULK_RUN_KEY.format(run_id="killed-1"), "done") or 0)
+    assert done < len(uris), "the run finished before it could be killed: upload more items"
     refused = blipq(*command, env=env)
     assert refused.returncode == 2 and "--force" in refused.stderr
     again = blipq(*command, "--force", env=env)
