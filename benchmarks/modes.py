@@ -275,8 +275,7 @@ class Floor:
             from worker.models.resize import resized_uint8
 
             data = self.reader.read(ImageRef(BUCKET, key))
-            draft = max(2 * side, images.MIN_DRAFT_SIDE)  # as the worker asks
-            image = images.decode(data, self.reader.limits, draft)
+            image = images.decode(data, self.reader.limits, images.draft_side(side))
             resized = resized_uint8(image, (side, side), Image.Resampling.BICUBIC)
             return (int(resized.shape[2]), int(resized.shape[1]))
         else:

@@ -31,6 +31,11 @@ MIN_DRAFT_SIDE = 512
 (32-96 px inputs) then see exactly the pixels a full decode gives."""
 
 
+def draft_side(input_side: int) -> int:
+    """The side a JPEG may be drafted down to for a model whose input is ``input_side`` long."""
+    return max(2 * input_side, MIN_DRAFT_SIDE)
+
+
 def decode(data: bytes, limits: Limits, draft_side: int | None = None) -> Image.Image:
     """Decode bytes to an RGB image: EXIF orientation applied, first frame, alpha on white.
 

@@ -213,7 +213,7 @@ class Runtime:
         side = runner.input_side()
         if not side or not self.settings.jpeg_draft:
             return None
-        return max(2 * side, images.MIN_DRAFT_SIDE)
+        return images.draft_side(side)
 
     # --- the model thread ------------------------------------------------------------------------
 
