@@ -230,7 +230,7 @@ def _record(report: Report, samples: dict[str, list[Sample]], extra: dict[str, A
         report.modes[name] = {
             "images_per_s": round(statistics.median(s.rate for s in runs), 3),
             "images_per_s_rounds": [round(s.rate, 3) for s in runs],
-            "cpu_s_per_image": round(statistics.median(s.cpu_s / s.images for s in runs), 3),
+            "cpu_s_per_image": round(statistics.median(s.cpu_s / s.images for s in runs), 4),
             "images_per_round": runs[0].images,
             "loadavg_rounds": [s.loadavg for s in runs],
             **extra.get(name, {}),

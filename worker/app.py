@@ -27,6 +27,9 @@ def build_config() -> dict[str, Any]:
     ]
     return {
         **celery_config(settings),
+        # Celery's Redis backend, storing a job's result, its stream event and the clearing of
+        # its bookkeeping in one round trip (worker.results).
+        "result_backend": f"worker.results:WorkerResultBackend+{settings.redis_url}",
         "task_queues": queues,
         "task_default_queue": queues[0].name,
         # Threads: I/O concurrency for S3 fetches while one model thread batches across them;

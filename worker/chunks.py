@@ -158,10 +158,8 @@ class ChunkRunner:
         return 1
 
     def _answer(self, job_id: str, result: dict[str, Any]) -> None:
-        """Store, announce, clear: what Celery and ``JobTask.on_success`` do for a single job."""
-        self._backend.store_result(job_id, result, states.SUCCESS)
-        self.runtime.publisher.publish(result)
-        self.runtime.deliveries.completed(job_id)
+        """Store, announce, clear (one round trip): what Celery does for a job of its own."""
+        self._backend.answer(job_id, result)
 
     def _split(
         self,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import states
 from celery.worker.consumer import Consumer
 
 from producer.constants import (
@@ -47,8 +46,7 @@ def _refuse(app: Any, message: Any, reason: str) -> None:
                 job_id, "unknown", ErrorCode.INVALID_JOB, reason, worker=runtime.worker_name
             )
         )
-        app.backend.store_result(job_id, result, states.SUCCESS)
-        runtime.publisher.publish(result)
+        app.backend.answer(job_id, result)  # stored, announced, cleared from the ledger
     body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
     described = {"content_type": message.content_type, "body_prefix": repr(body[:200])}
     if headers.get("task") == TASK_RUN_CHUNK:

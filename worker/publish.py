@@ -13,7 +13,14 @@ from typing import Any
 import redis
 
 from producer import ledger
-from producer.constants import DEAD_LETTER, DELIVERIES_KEY, PUBLISHED_KEY, RESULTS_STREAM
+from producer.constants import (
+    DEAD_LETTER,
+    DELIVERIES_KEY,
+    LEDGER,
+    LEDGER_PAYLOADS,
+    PUBLISHED_KEY,
+    RESULTS_STREAM,
+)
 
 # Atomic: announce a job on the stream only the first time it finishes (a redelivered job that
 # finishes again stores the same result but adds no second event).
@@ -23,6 +30,37 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
                     'job_id', ARGV[3], 'kind', ARGV[4], 'status', ARGV[5], 'result', ARGV[6])
 end
 return false
+"""
+
+# Atomic: a job's whole answer in one round trip (storing, announcing and clearing one by one took
+# four). Store the result as Celery's Redis backend does (SET, then PUBLISH on the key's channel
+# for waiters), except over a stored success, which Celery never overwrites either; announce it on
+# the stream once, as _PUBLISH_ONCE; clear the job's start counter and its ledger entry (as
+# ``ledger.forget``). Returns 1 if this call stored the result.
+_ANSWER = """
+local stored = false
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  stored = ok and type(meta) == 'table' and meta['status'] == 'SUCCESS'
+end
+if not stored then
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  else
+    redis.call('SET', KEYS[1], ARGV[1])
+  end
+  redis.call('PUBLISH', KEYS[1], ARGV[1])
+end
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*',
+             'job_id', ARGV[5], 'kind', ARGV[6], 'status', ARGV[7], 'result', ARGV[8])
+end
+redis.call('DEL', KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[5])
+redis.call('HDEL', KEYS[6], ARGV[5])
+if stored then return 0 end
+return 1
 """
 
 
@@ -42,6 +80,7 @@ class Publisher:
         self._expires_s = expires_s
         self.stream = stream
         self._publish_once = client.register_script(_PUBLISH_ONCE)
+        self._answer = client.register_script(_ANSWER)
 
     def publish(self, result: dict[str, Any]) -> bool:
         """Append one event unless this job was already announced; True if appended."""
@@ -58,6 +97,40 @@ class Publisher:
             ],
         )
         return bool(added)
+
+    def answer(
+        self,
+        job_id: str,
+        result: dict[str, Any],
+        *,
+        key: str,
+        stored: str | bytes,
+        stored_expires_s: int | None,
+    ) -> bool:
+        """Store a job's result (``stored``, Celery's encoding of it, under ``key``), announce it
+        once, clear its start counter and ledger entry: atomically, in one round trip. True if
+        this call stored the result (False: a success was stored before, and stays)."""
+        done = self._answer(
+            keys=[
+                key,
+                PUBLISHED_KEY.format(job_id=job_id),
+                self.stream,
+                DELIVERIES_KEY.format(job_id=job_id),
+                LEDGER,
+                LEDGER_PAYLOADS,
+            ],
+            args=[
+                stored,
+                stored_expires_s or 0,
+                self._expires_s,
+                self._maxlen,
+                job_id,
+                str(result.get("kind", "")),
+                str(result.get("status", "")),
+                json.dumps(result, separators=(",", ":")),
+            ],
+        )
+        return bool(done)
 
 
 class DeliveryGuard:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from celery import Task, states
 
@@ -11,6 +11,7 @@ from producer.constants import DEAD_LETTER, TASK_RUN_JOB
 from producer.errors import Retryable
 from producer.jobs import ErrorCode, JobResult, encode_result
 from worker.app import app
+from worker.results import WorkerResultBackend
 from worker.runtime import Runtime, get_runtime
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,11 @@ class JobTask(Task):  # type: ignore[type-arg]
     reject_on_worker_lost = True
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        # Runs after the result is stored and before the message is acked: from here on, a
-        # redelivery finds the stored result (or, once acked, there is no redelivery).
-        runtime = get_runtime()
-        runtime.publisher.publish(retval)
-        runtime.deliveries.completed(task_id)
+        # Celery stored the result, announced it and cleared the job's bookkeeping in one go
+        # (worker.results) before this runs and before the message is acked; a message sent with
+        # ignore_result skips that store, and gets its answer here instead.
+        if self.request.ignore_result:
+            cast(WorkerResultBackend, self.backend).answer(task_id, retval)
 
 
 @app.task(base=JobTask, bind=True, name=TASK_RUN_JOB, max_retries=None)  # type: ignore[untyped-decorator]

@@ -70,3 +70,35 @@ def test_cli_queues_sees_the_worker(caption_worker: WorkerProcess, client: Clien
     )
     assert "blipq.caption" in done.stdout
     assert caption_worker.name.split("@")[0] in done.stdout
+
+
+def test_a_job_sent_with_ignore_result_is_still_answered(
+    caption_worker: WorkerProcess,
+    client: Client,
+    s3,  # type: ignore[no-untyped-def]
+) -> None:
+    """Celery skips storing the result of such a message; the task answers it all the same."""
+    import time
+    import uuid
+
+    from producer.constants import TASK_RUN_JOB
+    from producer.jobs import encode_job
+
+    s3.create_bucket(Bucket="ignored")
+    s3.put_object(Bucket="ignored", Key="a.jpg", Body=sample_jpegs(1, seed=72)[0])
+    job_id = str(uuid.uuid4())
+    job = encode_job(CaptionJob(image="s3://ignored/a.jpg", model="tiny-caption"))
+    client._app.send_task(
+        TASK_RUN_JOB,
+        kwargs={"job": job, "submitted_at": time.time()},
+        task_id=job_id,
+        queue="blipq.caption",
+        routing_key="blipq.caption",
+        ignore_result=True,
+    )
+    assert client.result(job_id, timeout=120).status == "ok"
+    events = [
+        e.result.job_id
+        for e in client.stream(group="ignored", consumer="a", from_start=True, idle_stop=True)
+    ]
+    assert events.count(job_id) == 1

@@ -192,8 +192,20 @@ class FakeRuntime:
 
 
 class FakeBackend:
-    def __init__(self) -> None:
+    """Stores results; ``answer`` also announces and clears, as ``WorkerResultBackend`` does."""
+
+    def __init__(self, publisher: FakePublisher, deliveries: FakeDeliveries) -> None:
         self.stored: dict[str, dict[str, Any]] = {}
+        self._publisher = publisher
+        self._deliveries = deliveries
+
+    def answer(self, job_id: str, result: dict[str, Any]) -> bool:
+        stored = self.stored.get(job_id, {}).get("status") == states.SUCCESS
+        if not stored:
+            self.store_result(job_id, result, states.SUCCESS)
+        self._publisher.publish(result)
+        self._deliveries.completed(job_id)
+        return not stored
 
     def store_result(self, job_id: str, result: dict[str, Any], state: str) -> None:
         self.stored[job_id] = {"status": state, "result": result}
@@ -210,7 +222,8 @@ class FakeBackend:
 
 @pytest.fixture
 def parts() -> Iterator[tuple[ChunkRunner, FakeRuntime, FakeBackend, list[dict[str, Any]]]]:
-    runtime, backend, sent = FakeRuntime(), FakeBackend(), []
+    runtime, sent = FakeRuntime(), []
+    backend = FakeBackend(runtime.publisher, runtime.deliveries)
 
     def send_task(name: str, **options: Any) -> None:
         sent.append({"name": name, **options})
