@@ -15,7 +15,7 @@ from kombu import Queue
 import worker.kombu_fixes  # noqa: F401  (patches kombu on import)
 from producer.constants import queue_for
 from producer.transport import celery_config
-from worker.settings import get_settings
+from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,21 @@ def _load_models(**_: Any) -> None:
     """Load and warm up every served model after logging is set up, before consuming starts."""
     from worker.runtime import start_runtime
 
-    start_runtime(get_settings())
+    settings = get_settings()
+    quiet_task_logs(settings)
+    start_runtime(settings)
+
+
+def quiet_task_logs(settings: Settings) -> None:
+    """Celery's per-message INFO lines off unless ``log_every_task``. Called before the consumer
+    builds its message handlers and the tasks their tracers: both decide once whether to log
+    every message at INFO."""
+    level = logging.NOTSET if settings.log_every_task else logging.WARNING
+    for name in _PER_TASK_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+_PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
 
 
 @signals.worker_shutdown.connect

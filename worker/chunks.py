@@ -145,6 +145,7 @@ class ChunkRunner:
                 if runtime.settings.s3_max_attempts > 1:
                     runtime.deliveries.finished(job_id)
                     # Attempt 2 onwards, as run_job's retries: a message of its own.
+                    log.info("job %s: %s; attempt 1, again alone", job_id, exc.message)
                     self._send_alone(entry, submitted_at, queue, countdown=_BACKOFF_S[0], retries=1)
                     return 0
                 result = JobResult.failure(

@@ -63,6 +63,13 @@ if stored then return 0 end
 return 1
 """
 
+# Atomic, one command with one reply (a MULTI of SET NX and GET took four replies to parse):
+# record a first start and return 0, or return the earlier starts without recording this one.
+_BEGIN = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+return tonumber(redis.call('GET', KEYS[1]) or '0')
+"""
+
 
 class Publisher:
     """Appends finished results to the capped results stream, once per job."""
@@ -139,16 +146,12 @@ class DeliveryGuard:
     def __init__(self, client: redis.Redis, *, expires_s: int) -> None:
         self._redis = client
         self._expires_s = expires_s
+        self._begin = client.register_script(_BEGIN)
 
     def begin(self, job_id: str) -> int:
         """How many earlier starts of this job did not finish. 0: a first delivery, now
         recorded as started; otherwise nothing is recorded until ``restart``."""
-        key = DELIVERIES_KEY.format(job_id=job_id)
-        pipe = self._redis.pipeline()  # MULTI: the SET and the GET see the same state
-        pipe.set(key, 1, nx=True, ex=self._expires_s)
-        pipe.get(key)
-        first, count = pipe.execute()
-        return 0 if first else int(count or 0)
+        return int(self._begin(keys=[DELIVERIES_KEY.format(job_id=job_id)], args=[self._expires_s]))
 
     def restart(self, job_id: str) -> int:
         """Record one more start of a job that was started before; return the starts so far."""

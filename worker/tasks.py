@@ -64,6 +64,13 @@ def _run(
         if attempt + 1 < runtime.settings.s3_max_attempts:
             runtime.deliveries.finished(job_id)
             countdown = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
+            log.info(
+                "job %s: %s; attempt %d, again in %.0f s",
+                job_id,
+                exc.message,
+                attempt + 1,
+                countdown,
+            )
             raise task.retry(exc=exc, countdown=countdown) from exc
         result = JobResult.failure(
             job_id,

@@ -62,6 +62,8 @@ def worker_env(
         "BLIPQ_MODELS": json.dumps(models),
         "BLIPQ_SERVE": ",".join(models),
         "BLIPQ_TORCH_THREADS": "1",
+        # Tests count deliveries by Celery's "Task ... received" lines.
+        "BLIPQ_LOG_EVERY_TASK": "true",
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }

@@ -16,10 +16,14 @@ from transformers.image_utils import PILImageResampling
 from transformers.models.blip import BlipImageProcessorPil
 
 from benchmarks.fixtures import make_photo
+from worker.models import resize
 from worker.models.base import _fast_plan, pixel_values
 from worker.models.resize import (
     RESIZE_TOLERANCE,
+    chw_uint8,
     pil_resizes_width_first,
+    resized_uint8,
+    rgbx_view,
     torch_agrees_with_pil,
     torch_resizes,
 )
@@ -171,3 +175,41 @@ def test_torch_resize_does_not_depend_on_the_thread_count() -> None:
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize(
+    "image", [_photo(3), _sharp(901, 377), _image(640, 1000, 5)], ids=["photo", "lines", "noise"]
+)
+def test_the_resize_reads_pillows_pixels_without_a_copy(image: Image.Image) -> None:
+    view = rgbx_view(image)
+    assert view is not None and view.shape == (4, image.height, image.width)
+    assert torch.equal(view[:3], chw_uint8(image))
+    view_again = rgbx_view(image)
+    assert view_again is not None and view_again.data_ptr() == view.data_ptr()  # not a copy
+
+
+@pytest.mark.parametrize("size", [(384, 384), (224, 224), (364, 364)])
+@pytest.mark.parametrize(
+    "image", [_photo(4), _sharp(1000, 430), _sharp(430, 1000)], ids=["photo", "wide", "tall"]
+)
+def test_resizing_the_view_gives_the_pixels_of_resizing_a_copy(
+    image: Image.Image, size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both pass orders (the sharp images are one of each), bicubic and bilinear."""
+    for resample in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR):
+        from_view = resized_uint8(image, size, resample)
+        with monkeypatch.context() as patched:
+            patched.setattr(resize, "rgbx_view", lambda image: None)
+            from_copy = resized_uint8(image, size, resample)
+        assert from_view.shape == (3, size[1], size[0])
+        assert torch.equal(from_view, from_copy)
+
+
+def test_images_without_a_view_are_copied() -> None:
+    gray = _image(300, 200, 1, mode="L")
+    assert rgbx_view(gray) is None
+    # Over Pillow's 16 MB memory block: stored in more than one block, so no single view.
+    huge = Image.new("RGB", (2100, 2100), (10, 20, 30))
+    assert rgbx_view(huge) is None
+    resized = resized_uint8(huge, (384, 384), Image.Resampling.BICUBIC)
+    assert resized[:, 100, 100].tolist() == [10, 20, 30]

@@ -69,3 +69,21 @@ def test_the_worker_process_hands_the_gil_over_at_the_configured_interval() -> N
         assert sys.getswitchinterval() == pytest.approx(0.0005)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_celery_logs_every_task_only_when_asked() -> None:
+    import logging
+
+    from worker.app import quiet_task_logs
+
+    loggers = [logging.getLogger(n) for n in ("celery.app.trace", "celery.worker.strategy")]
+    before = [logger.level for logger in loggers]
+    try:
+        quiet_task_logs(Settings())
+        assert all(not logger.isEnabledFor(logging.INFO) for logger in loggers)
+        assert all(logger.isEnabledFor(logging.WARNING) for logger in loggers)
+        quiet_task_logs(Settings(log_every_task=True))
+        assert all(logger.level == logging.NOTSET for logger in loggers)  # the root's level
+    finally:
+        for logger, level in zip(loggers, before, strict=True):
+            logger.setLevel(level)
