@@ -94,14 +94,7 @@ class Publisher:
         job_id = str(result.get("job_id", ""))
         added = self._publish_once(
             keys=[PUBLISHED_KEY.format(job_id=job_id), self.stream],
-            args=[
-                self._expires_s,
-                self._maxlen,
-                job_id,
-                str(result.get("kind", "")),
-                str(result.get("status", "")),
-                json.dumps(result, separators=(",", ":")),
-            ],
+            args=self._event_args(job_id, result),
         )
         return bool(added)
 
@@ -126,18 +119,20 @@ class Publisher:
                 LEDGER,
                 LEDGER_PAYLOADS,
             ],
-            args=[
-                stored,
-                stored_expires_s or 0,
-                self._expires_s,
-                self._maxlen,
-                job_id,
-                str(result.get("kind", "")),
-                str(result.get("status", "")),
-                json.dumps(result, separators=(",", ":")),
-            ],
+            args=[stored, stored_expires_s or 0, *self._event_args(job_id, result)],
         )
         return bool(done)
+
+    def _event_args(self, job_id: str, result: dict[str, Any]) -> list[Any]:
+        """A stream event's arguments: ARGV[1..6] of _PUBLISH_ONCE, ARGV[3..8] of _ANSWER."""
+        return [
+            self._expires_s,
+            self._maxlen,
+            job_id,
+            str(result.get("kind", "")),
+            str(result.get("status", "")),
+            json.dumps(result, separators=(",", ":")),
+        ]
 
 
 class DeliveryGuard:

@@ -34,6 +34,14 @@ def redis_server() -> Iterator[EmbeddedRedis]:
     server.close()
 
 
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis of this test module's own: what it holds and counts is this module's alone."""
+    server = EmbeddedRedis().start()
+    yield server
+    server.close()
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[EmbeddedS3]:
     server = EmbeddedS3().start()

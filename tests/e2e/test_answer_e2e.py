@@ -28,13 +28,6 @@ from worker.results import WorkerResultBackend
 from worker.settings import Settings
 
 
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis().start()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def admin(private_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(private_redis.url)

@@ -23,14 +23,6 @@ from producer.jobs import JobResult, encode_result
 JOB = CaptionJob(image="s3://bucket/a.jpg", model="nobody-serves-this")
 
 
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[EmbeddedRedis]:
-    """A Redis of this module's own: its command counts are this module's alone."""
-    server = EmbeddedRedis().start()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def counts(private_redis: EmbeddedRedis) -> Iterator[Callable[[str], int]]:
     """How many times each command ran on the private Redis."""
