@@ -68,8 +68,7 @@ def rgbx_view(image: Image.Image) -> torch.Tensor | None:
 @functools.cache
 def _view_agrees() -> bool:
     """Whether ``rgbx_view`` reads the pixels ``np.array`` copies (once per process)."""
-    probe = Image.effect_noise((37, 23), 80).convert("RGB")
-    probe.putpixel((0, 0), (255, 0, 7))
+    probe = Image.merge("RGB", [Image.effect_noise((37, 23), sigma) for sigma in (20, 50, 80)])
     if pyarrow is None:
         return False
     try:
