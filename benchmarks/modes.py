@@ -260,9 +260,11 @@ class Floor:
         self.s3 = s3_client(self.s3_server, pool=max(10, threads))
         if self.worker_code:
             from worker.images import Limits
+            from worker.settings import Settings
             from worker.storage import ObjectReader
 
-            limits = Limits(max_bytes=25 * 2**20, max_pixels=50_000_000)
+            settings = Settings()  # the worker's limits
+            limits = Limits(settings.max_image_bytes, settings.max_image_pixels)
             self.reader = ObjectReader(self.s3, limits, pool_size=max(10, threads))
 
     def one(self, key: str) -> tuple[int, int]:

@@ -119,8 +119,8 @@ class Settings(ClientSettings):
     exact_resize: bool = Field(
         default=False,
         description="Resize images with PIL as BLIP's processor does (the same pixels exactly) "
-        "instead of torch's antialiased resize of the same filter: 5x faster, within one 8-bit "
-        "level of PIL's.",
+        "instead of torch's antialiased resize of the same filter: 5x faster, within two 8-bit "
+        "levels of PIL's.",
     )
     gil_switch_interval_ms: float = Field(
         default=0.5,
