@@ -1,4 +1,4 @@
-"""The README's settings table is generated from worker.settings.Settings and must equal it."""
+"""The settings table of the docs is generated from worker.settings.Settings and must equal it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from worker import settings_doc
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-README = REPO / "README.md"
+PAGE = REPO / settings_doc.PAGE
 
 
 def _cells(line: str) -> list[str]:
@@ -96,14 +96,41 @@ def test_output_does_not_depend_on_the_environment(monkeypatch: pytest.MonkeyPat
     assert settings_doc.render() == before
 
 
-def test_readme_table_is_the_generated_one() -> None:
-    document = README.read_text()
+def test_docs_table_is_the_generated_one() -> None:
+    document = PAGE.read_text()
     assert document.count(settings_doc.BEGIN) == 1 and document.count(settings_doc.END) == 1
-    heading = document.index("\n### Settings\n")
-    assert heading < document.index(settings_doc.BEGIN) < document.index("\n## Reliability\n")
     assert settings_doc.table_in(document) == settings_doc.render(), (
-        "README's settings table is stale: run `python -m worker.settings_doc --update README.md`"
+        f"{settings_doc.PAGE} is stale: run `python -m worker.settings_doc --update`"
     )
+
+
+def test_settings_page_is_published_and_linked() -> None:
+    """The page is in the site's navigation, and the README and the operations page link to it."""
+    nav = (REPO / "mkdocs.yml").read_text()
+    page = settings_doc.PAGE.relative_to("docs").as_posix()
+    assert re.search(rf"^\s*- [^:\n]+: {re.escape(page)}$", nav, re.MULTILINE), nav
+    assert "docs/reference/settings.md" in (REPO / "README.md").read_text()
+    assert "reference/settings.md" in (REPO / "docs" / "operations.md").read_text()
+
+
+def test_the_settings_table_left_the_readme() -> None:
+    assert settings_doc.BEGIN not in (REPO / "README.md").read_text()
+
+
+def test_check_says_whether_the_table_is_current(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "settings.md"
+    path.write_text(f"# Settings\n{settings_doc.BEGIN}\n| old | table |\n{settings_doc.END}\n")
+    assert settings_doc.main(["--check", str(path)]) == 1
+    assert "stale settings table" in capsys.readouterr().err
+    assert settings_doc.main(["--update", str(path)]) == 0
+    assert settings_doc.main(["--check", str(path)]) == 0
+
+
+def test_update_and_check_default_to_the_docs_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    assert settings_doc.main(["--check"]) == 0
 
 
 def test_update_rewrites_only_the_table(tmp_path: Path) -> None:
