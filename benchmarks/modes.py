@@ -181,7 +181,7 @@ class CeleryNaive:
 class Blipq:
     """CaptionJobs via ``Client.submit_many`` to a real blipq worker; ``Client.results``.
 
-    ``per_message`` > 1: chunk messages of that many jobs (``producer.chunks``).
+    ``per_message`` > 1: chunk messages of that many jobs (``producer.protocol.chunks``).
     """
 
     def __init__(
@@ -272,7 +272,7 @@ class Floor:
 
         side = NULL_INPUT_SIZE
         if self.worker_code:
-            from producer.jobs import ImageRef
+            from producer.protocol.jobs import ImageRef
             from worker import images
             from worker.models.resize import resized_uint8
 

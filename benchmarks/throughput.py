@@ -19,7 +19,7 @@ with the raw floor: a plain thread pool doing only S3 GET + decode + resize of t
 (``floor``: boto3 get_object, PIL; ``floor_worker_code``: the worker's own reader and decoder, so
 that blipq over it is the cost of the queue, batching and results alone),
 and also runs ``blipq_null_chunked``: the same jobs in chunk messages of ``--per-message`` jobs
-(``producer.chunks``).
+(``producer.protocol.chunks``).
 
 The machine may be shared, so the modes are interleaved: every round runs each mode once, in
 a rotating order, and ratios are medians of per-round ratios; idle latency is measured in
@@ -27,7 +27,7 @@ pairs (a bare single-image pass, then a single blipq job). CPU seconds per image
 the workers, Redis and the S3 server together) are reported beside images/s: contention from
 other work stretches wall time more than CPU time.
 
-It starts its own Redis and S3 server (``producer.embedded``); the images and the random-weight
+It starts its own Redis and S3 server (``producer.cli.embedded``); the images and the random-weight
 BLIP-base checkpoint are built offline and cached (``BLIPQ_BENCH_CACHE``, default a temp dir).
 """
 
@@ -373,7 +373,7 @@ def bench_model(
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     from producer import Client
-    from producer.embedded import WorkerProcess
+    from producer.cli.embedded import WorkerProcess
     from worker.models.attention import use_sdpa_attention
 
     keys = servers.keys
@@ -458,7 +458,7 @@ def bench_model(
 
 def bench_null(report: Report, opts: Options, servers: Servers) -> None:
     from producer import Client
-    from producer.embedded import WorkerProcess
+    from producer.cli.embedded import WorkerProcess
 
     keys = servers.keys
     todo = [keys[i % len(keys)] for i in range(opts.jobs)]
@@ -711,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from benchmarks import fixtures
-    from producer.embedded import EmbeddedRedis, EmbeddedS3
+    from producer.cli.embedded import EmbeddedRedis, EmbeddedS3
 
     started = time.perf_counter()
     if opts.torch_threads:

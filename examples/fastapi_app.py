@@ -45,12 +45,15 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer import AsyncClient, ResultTimeout
-from producer.config import ClientSettings
-from producer.constants import WEB_JOB_KEY
-from producer.jobs import Job
-from producer.stream import StreamEvent
+from producer.client.stream import StreamEvent
+from producer.protocol.jobs import Job
+from producer.protocol.settings import ClientSettings
 
 log = logging.getLogger("blipq.web")
+
+WEB_JOB_KEY = "blipq:web:job:{job_id}"
+"""Set when this app submits a job, expiring with its result (``result_expires_s``): GET
+/jobs/{id} answers 202 (pending) for these and 404 for ids it never submitted."""
 
 
 class WebSettings(BaseSettings):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from producer.aio import AsyncClient
 from producer.client import Client
-from producer.errors import BlipqError, InvalidJob, JobFailure, ResultTimeout
-from producer.jobs import (
+from producer.client.aio import AsyncClient
+from producer.protocol.errors import BlipqError, InvalidJob, JobFailure, ResultTimeout
+from producer.protocol.jobs import (
     CaptionJob,
     CaptionOutput,
     CategoryScore,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from producer.errors import JobFailure
-from producer.jobs import ErrorCode
+from producer.protocol.errors import JobFailure
+from producer.protocol.jobs import ErrorCode
 
 
 class ImageFailure(JobFailure):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from producer.jobs import JobResult
+from producer.protocol.jobs import JobResult
 
 _MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

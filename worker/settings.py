@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from producer.config import ClientSettings
+from producer.protocol.s3 import S3Settings
+from producer.protocol.settings import ClientSettings
 
 DEFAULT_MODELS: dict[str, str] = {
     "caption-base": "Salesforce/blip-image-captioning-base",
@@ -23,14 +25,10 @@ DEFAULT_MODELS: dict[str, str] = {
 }
 """Model names a job may use, mapped to a Hugging Face hub id or a local directory."""
 
-# The shapes-world fixture models shipped in a checkout of the repository (a test instrument).
-FIXTURE_MODELS_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "models"
-
-# Moderation policies: the shipped default, plus the fixture policies of a checkout.
+# Moderation policies: the shipped default.
 DEFAULT_POLICIES: dict[str, str] = {
     "default": str(Path(__file__).resolve().parent / "policies" / "default.yaml"),
 }
-FIXTURE_POLICIES_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "policies"
 
 # The model family of a checkpoint, from the `architectures` entry of its config.json.
 ARCHITECTURE_FAMILIES: dict[str, str] = {
@@ -40,14 +38,8 @@ ARCHITECTURE_FAMILIES: dict[str, str] = {
     "Blip2ForConditionalGeneration": "blip2",
 }
 
-# The job kinds each model family serves (one queue per kind: blipq.<kind>).
-FAMILY_KINDS: dict[str, tuple[str, ...]] = {
-    "caption": ("caption",),
-    "vqa": ("vqa",),
-    "match": ("match", "moderate"),
-    "blip2": ("caption", "vqa"),
-    "null": ("caption",),
-}
+Family = Literal["caption", "vqa", "match", "blip2", "null"]
+"""Model families; the job kinds each serves are its runner's (``worker.models.registry``)."""
 
 
 class ModelSpec(BaseModel):
@@ -57,7 +49,7 @@ class ModelSpec(BaseModel):
 
     name: str
     source: str
-    family: Literal["caption", "vqa", "match", "blip2", "null"]
+    family: Family
     max_batch_size: int | None = Field(default=None, ge=1, le=1024)
     max_wait_ms: float | None = Field(default=None, ge=0, le=60_000)
     crash_on: str | None = Field(default=None, min_length=1)
@@ -74,10 +66,6 @@ class ModelSpec(BaseModel):
             )
         return self
 
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        return FAMILY_KINDS[self.family]
-
 
 class Settings(ClientSettings):
     """Everything a worker is configured by. Build it once, at start-up: ``Settings()``."""
@@ -88,6 +76,16 @@ class Settings(ClientSettings):
         description='Extra or overriding model map entries, JSON: {"name": "hub-id-or-dir"} or '
         '{"name": {"source": ..., "family": "caption", "max_batch_size": 32}}; families: '
         "caption, vqa, match, blip2 (inferred from a local config.json or the name).",
+    )
+    model_dirs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Directories of saved models (comma-separated): each folder in them that "
+        "holds a config.json joins the model map under the folder's name.",
+    )
+    policy_dirs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Directories of moderation policies (comma-separated): each NAME.yaml in "
+        "them is the policy NAME.",
     )
     serve: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["caption-base"],
@@ -218,7 +216,7 @@ class Settings(ClientSettings):
         default=False,
         description="Send Celery task events from the start (three broker messages per job: "
         "7% of the null-model throughput). Flower turns them on by itself (its enable_events "
-        "option, on by default); so does `celery -A worker.app control enable_events`.",
+        "option, on by default); so does `celery -A worker.celery.app control enable_events`.",
     )
     log_every_task: bool = Field(
         default=False,
@@ -243,7 +241,15 @@ class Settings(ClientSettings):
         description="Starts without finishing before a job is declared poison and dead-lettered.",
     )
 
-    @field_validator("serve", "s3_allowed_buckets", mode="before")
+    @field_validator("model_dirs", "policy_dirs")
+    @classmethod
+    def _directories(cls, value: list[str]) -> list[str]:
+        missing = [path for path in value if not Path(path).is_dir()]
+        if missing:
+            raise ValueError(f"not a directory: {', '.join(missing)}")
+        return value
+
+    @field_validator("serve", "s3_allowed_buckets", "model_dirs", "policy_dirs", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -274,37 +280,49 @@ class Settings(ClientSettings):
         """Every model name a job may use, defaults first, ``BLIPQ_MODELS`` on top."""
         raw: dict[str, str | dict[str, object]] = {
             **DEFAULT_MODELS,
-            **_fixture_models(),
+            **_models_in(self.model_dirs),
             **self.models,
         }
         return {name: _spec(name, entry) for name, entry in raw.items()}
 
     def policy_map(self) -> dict[str, str]:
         """Every moderation policy a job may name -> its YAML file, ``BLIPQ_POLICIES`` on top."""
-        return {**DEFAULT_POLICIES, **_fixture_policies(), **self.policies}
+        return {**DEFAULT_POLICIES, **_policies_in(self.policy_dirs), **self.policies}
+
+    def s3_settings(self) -> S3Settings:
+        """The object store, as ``producer.protocol.s3`` takes it."""
+        return S3Settings(
+            endpoint_url=self.s3_endpoint_url,
+            region=self.s3_region,
+            access_key_id=self.s3_access_key_id,
+            secret_access_key=self.s3_secret_access_key,
+            addressing_style=self.s3_addressing_style,
+            connect_timeout_s=self.s3_connect_timeout_s,
+            read_timeout_s=self.s3_read_timeout_s,
+        )
 
     def served(self) -> list[ModelSpec]:
         specs = self.model_map()
         return [specs[name] for name in self.serve]
 
-    def served_kinds(self) -> list[str]:
-        return sorted({kind for spec in self.served() for kind in spec.kinds})
 
-
-def _fixture_models() -> dict[str, str | dict[str, object]]:
-    if not FIXTURE_MODELS_DIR.is_dir():
-        return {}
+def _models_in(directories: Sequence[str]) -> dict[str, str | dict[str, object]]:
+    """Every saved model (a folder with a config.json) in these directories, by folder name."""
     return {
         path.name: str(path)
-        for path in sorted(FIXTURE_MODELS_DIR.iterdir())
+        for directory in directories
+        for path in sorted(Path(directory).iterdir())
         if (path / "config.json").is_file()
     }
 
 
-def _fixture_policies() -> dict[str, str]:
-    if not FIXTURE_POLICIES_DIR.is_dir():
-        return {}
-    return {path.stem: str(path) for path in sorted(FIXTURE_POLICIES_DIR.glob("*.yaml"))}
+def _policies_in(directories: Sequence[str]) -> dict[str, str]:
+    """Every policy file (``NAME.yaml``) in these directories, by file name."""
+    return {
+        path.stem: str(path)
+        for directory in directories
+        for path in sorted(Path(directory).glob("*.yaml"))
+    }
 
 
 def _spec(name: str, entry: str | dict[str, object]) -> ModelSpec:
@@ -328,7 +346,7 @@ def _infer_family(name: str, source: str) -> str:
     raise ValueError(
         f"cannot tell which model family {name!r} is; give it as "
         f'{{"{name}": {{"source": "{source}", "family": "caption"}}}} '
-        f"(families: {sorted(FAMILY_KINDS)})"
+        f"(families: {sorted(get_args(Family))})"
     )
 
 

@@ -21,14 +21,13 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import boto3
 import urllib3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.httpsession import get_cert_path
 
-from producer.errors import JobFailure, Retryable
-from producer.jobs import ErrorCode, ImageRef
+from producer.protocol.errors import JobFailure, Retryable
+from producer.protocol.jobs import ErrorCode, ImageRef
+from producer.protocol.s3 import make_s3_client
 from worker.images import ImageFailure, Limits
 
 if TYPE_CHECKING:
@@ -50,28 +49,6 @@ _DENIED = {
 _TRANSIENT = {"SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError"}
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _PRESIGN_EXPIRES_S = 300  # used at once; long enough for any clock skew
-
-
-def make_s3_client(settings: Settings) -> S3Client:
-    """A thread-safe boto3 S3 client; credentials from settings or the normal boto3 chain."""
-    secret = settings.s3_secret_access_key
-    config = Config(
-        connect_timeout=settings.s3_connect_timeout_s,
-        read_timeout=settings.s3_read_timeout_s,
-        # Transient retries are ours (task layer, with backoff across the outage); botocore's
-        # own standard-mode retries cover a blip within one request.
-        retries={"max_attempts": 2, "mode": "standard"},
-        max_pool_connections=max(10, settings.worker_concurrency),
-        s3={"addressing_style": settings.s3_addressing_style},
-    )
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        region_name=settings.s3_region or "us-east-1",
-        aws_access_key_id=settings.s3_access_key_id,
-        aws_secret_access_key=secret.get_secret_value() if secret else None,
-        config=config,
-    )
 
 
 class ObjectReader:
@@ -113,7 +90,7 @@ class ObjectReader:
     @classmethod
     def from_settings(cls, settings: Settings) -> ObjectReader:
         return cls(
-            make_s3_client(settings),
+            make_s3_client(settings.s3_settings(), max_pool=settings.worker_concurrency),
             Limits(settings.max_image_bytes, settings.max_image_pixels),
             allowed_buckets=settings.s3_allowed_buckets,
             direct=settings.s3_direct_get,

@@ -1,9 +1,9 @@
 """Bulk runs: one job per image under an S3 prefix, in a manifest, or in a Python list.
 
-A run has an id. Its state lives in Redis (keys in ``producer.constants``: metadata and counters,
-item -> job id, finished items, a runner lease), so a second start of the same run submits only
-what was never submitted and hands out only what was not handed out, and ``blipq status RUN_ID``
-shows its progress from any machine.
+A run has an id. Its state lives in Redis (keys in ``producer.protocol.keys``: metadata and
+counters, item -> job id, finished items, a runner lease), so a second start of the same run
+submits only what was never submitted and hands out only what was not handed out, and ``blipq
+status RUN_ID`` shows its progress from any machine.
 
 Job ids are derived from the run id and the item (UUID 5), so an item always has the same id: a
 runner killed between sending a chunk and recording it finds, on resume, the results of what
@@ -17,21 +17,12 @@ on resume they are read back, and items already in them are skipped.
 Producer side only: no torch, no worker code; the parsing and the progress math are pure.
 
 Modules: ``inputs`` (items, manifests), ``s3`` (prefix listing), ``run_ids``, ``progress``,
-``state`` (Redis), ``run`` (``BulkRun``, waiting with ``producer.waiting``), ``outputs`` (result
-files), ``cli`` (``blipq bulk`` / ``blipq status``). The public names are re-exported here.
+``state`` (Redis), ``run`` (``BulkRun``, waiting with ``producer.client.waiting``), ``outputs``
+(result files). The public names are re-exported here; the commands are ``producer.cli.bulk``.
 """
 
 from __future__ import annotations
 
-from producer.bulk.cli import (
-    ClientFactory,
-    add_commands,
-    cmd_bulk,
-    cmd_status,
-    describe_status,
-    drive,
-    run_status,
-)
 from producer.bulk.errors import BulkError, BulkStalled
 from producer.bulk.inputs import (
     BulkItem,
@@ -71,7 +62,6 @@ __all__ = [
     "BulkResult",
     "BulkRun",
     "BulkStalled",
-    "ClientFactory",
     "CsvWriter",
     "JsonlWriter",
     "ManifestFormat",
@@ -82,16 +72,11 @@ __all__ = [
     "RunState",
     "RunStatus",
     "S3Settings",
-    "add_commands",
     "build_job",
     "check_run_id",
-    "cmd_bulk",
-    "cmd_status",
     "compute_progress",
     "content_digest",
     "derive_run_id",
-    "describe_status",
-    "drive",
     "flat_row",
     "format_duration",
     "items_from",
@@ -107,7 +92,6 @@ __all__ = [
     "render_progress",
     "result_text",
     "run_items",
-    "run_status",
     "split_prefix",
     "start_run",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from producer.errors import BlipqError, ResultTimeout
+from producer.protocol.errors import BlipqError, ResultTimeout
 
 
 class BulkError(BlipqError, ValueError):

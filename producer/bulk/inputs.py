@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from producer.bulk.errors import BulkError
-from producer.jobs import JOB_KINDS, AnyJob, Job
+from producer.protocol.jobs import JOB_KINDS, AnyJob, Job, describe_validation
 
 _JOB_ADAPTER: TypeAdapter[AnyJob] = TypeAdapter(Job)
 
@@ -101,7 +101,7 @@ def read_manifest(
         try:
             job = build_job(kind, {**(defaults or {}), **fields})
         except ValidationError as exc:
-            raise BulkError(f"{where}: {_describe(exc)}") from exc
+            raise BulkError(f"{where}: {describe_validation(exc, strip_kind=True)}") from exc
         key = str(row["id"]) if row.get("id") not in (None, "") else job.image
         if key in seen:
             raise BulkError(
@@ -159,14 +159,3 @@ def _texts_cell(value: str, where: str) -> list[str]:
     if not isinstance(texts, list):
         raise BulkError(f"{where}: texts must be a JSON list of strings")
     return texts
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = err["loc"]
-        if loc and loc[0] in JOB_KINDS:  # the discriminated union's tag adds nothing here
-            loc = loc[1:]
-        where = ".".join(str(p) for p in loc) or "job"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)

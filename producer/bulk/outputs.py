@@ -11,7 +11,13 @@ from typing import Any, Protocol
 
 from producer.bulk.errors import BulkError
 from producer.bulk.run import BulkResult
-from producer.jobs import CaptionOutput, JobResult, MatchOutput, ModerationOutput, VqaOutput
+from producer.protocol.jobs import (
+    CaptionOutput,
+    JobResult,
+    MatchOutput,
+    ModerationOutput,
+    VqaOutput,
+)
 
 FLAT_COLUMNS = (
     "item",

@@ -16,14 +16,14 @@ import redis
 from producer.bulk.errors import BulkError, BulkStalled
 from producer.bulk.inputs import BulkItem, items_from
 from producer.bulk.progress import Progress, compute_progress
-from producer.bulk.run_ids import _digest, check_run_id, content_digest, derive_run_id, job_id_for
+from producer.bulk.run_ids import check_run_id, content_digest, derive_run_id, digest, job_id_for
 from producer.bulk.state import RunState
-from producer.constants import MAX_JOBS_PER_MESSAGE
-from producer.jobs import AnyJob, JobResult
-from producer.waiting import ResultWaiter
+from producer.client.waiting import ResultWaiter
+from producer.protocol.jobs import AnyJob, JobResult
+from producer.protocol.keys import MAX_JOBS_PER_MESSAGE
 
 if TYPE_CHECKING:
-    from producer.client import Client
+    from producer.client.sender import Sender
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +38,14 @@ class BulkResult:
 class BulkRun:
     """A started bulk run: iterate it for results as they complete; ``progress()`` any time.
 
-    Built by ``Client.bulk``. Holds the run's lease from construction until the iteration ends
+    Built by ``start_run``. Holds the run's lease from construction until the iteration ends
     (or ``close()``); ``stop()`` (any thread, e.g. a signal handler) ends the iteration early,
     leaving in-flight jobs to finish for the next start.
     """
 
     def __init__(
         self,
-        client: Client,
+        sender: Sender,
         run_id: str,
         items: Sequence[BulkItem],
         *,
@@ -62,13 +62,13 @@ class BulkRun:
         if max_pending < 1:
             raise BulkError("max_pending must be at least 1")
         self.run_id = check_run_id(run_id)
-        self._client = client
+        self._sender = sender
         self._items = {item.key: item for item in items}
         if len(self._items) != len(items):
             raise BulkError("item keys must be unique in a run")
         self._max_pending = max_pending
-        self._chunk = min(chunk or client.settings.submit_chunk, max_pending)
-        self._per_message = per_message or client.settings.jobs_per_message
+        self._chunk = min(chunk or sender.settings.submit_chunk, max_pending)
+        self._per_message = per_message or sender.settings.jobs_per_message
         if not 1 <= self._per_message <= MAX_JOBS_PER_MESSAGE:
             raise BulkError(f"per_message must be 1-{MAX_JOBS_PER_MESSAGE}")
         self._idle_timeout_s = idle_timeout_s
@@ -76,7 +76,7 @@ class BulkRun:
         self._stop = threading.Event()
         self._started = False
         self._iteration: weakref.ref[Generator[BulkResult]] | None = None
-        self._state = RunState(client._redis, self.run_id, client.settings.result_expires_s)
+        self._state = RunState(sender.redis, self.run_id, sender.settings.result_expires_s)
         self._state.acquire(force=force)
         try:
             self.resumed = self._state.register(
@@ -146,7 +146,7 @@ class BulkRun:
         return iteration
 
     def _run(self) -> Generator[BulkResult]:
-        waiter = self._client.waiter()
+        waiter = self._sender.waiter()
         by_job = {job_id_for(self.run_id, key): key for key in self._items}
         acks: list[tuple[str, str]] = []
         last_ack = last_beat = last_result = time.monotonic()
@@ -197,13 +197,12 @@ class BulkRun:
         """Finished items to hand out again whose stored result is gone (older than
         ``result_expires_s``): they are sent again, under the same job id."""
         again = [key for key in self._watch if key in self._finished]
-        backend: Any = self._client._app.backend
         expired: list[str] = []
         for start in range(0, len(again), 1000):
             keys = again[start : start + 1000]
-            pipe = self._client._redis.pipeline(transaction=False)
+            pipe = self._sender.redis.pipeline(transaction=False)
             for key in keys:
-                pipe.exists(backend.get_key_for_task(self._watch[key]).decode())
+                pipe.exists(self._sender.result_key(self._watch[key]))
             expired += [key for key, found in zip(keys, pipe.execute(), strict=True) if not found]
         for key in expired:
             del self._watch[key]
@@ -231,11 +230,8 @@ class BulkRun:
     def _send(self, jobs: Sequence[tuple[AnyJob, str]]) -> None:
         if not jobs:
             return
-        client = self._client
-        with client._app.producer_or_acquire() as producer, producer.batch(max_size=len(jobs)):
-            # One round trip for the job ledger, one for the messages (kombu's publish batch
-            # pipelines the chunk's LPUSHes), as Client.submit_many does per chunk.
-            client._send_chunk(list(jobs), producer=producer, per_message=self._per_message)
+        # One round trip for the job ledger, one for the messages, per chunk of the run.
+        self._sender.send(jobs, per_message=self._per_message)
 
     def _ack(self, acks: list[tuple[str, str]]) -> None:
         new_done, new_failed = self._state.mark_done(acks)
@@ -282,7 +278,7 @@ def _kinds(items: Sequence[BulkItem]) -> str:
 
 
 def start_run(
-    client: Client,
+    sender: Sender,
     jobs: Iterable[AnyJob | str] | Mapping[str, AnyJob | str],
     *,
     run_id: str | None = None,
@@ -294,9 +290,15 @@ def start_run(
     idle_timeout_s: float | None = None,
     force: bool = False,
 ) -> BulkRun:
-    """Start (or resume) a run over jobs or image URIs; see ``Client.bulk``."""
+    """Start (or resume) a bulk run over jobs or image URIs: iterate it for results, poll
+    ``progress()``. Image URIs become ``kind`` jobs with ``options``; a mapping names items.
+    The same ``run_id`` (default: derived from the inputs) skips what an earlier start did.
+    ``per_message``: jobs per broker message (default ``jobs_per_message``).
+
+    ``sender`` is a client's: ``start_run(client.sender, uris)``.
+    """
     return run_items(
-        client,
+        sender,
         items_from(jobs, kind=kind, options=options),
         run_id=run_id,
         kind=kind,
@@ -312,7 +314,7 @@ def start_run(
 
 
 def run_items(
-    client: Client,
+    sender: Sender,
     items: Sequence[BulkItem],
     *,
     run_id: str | None,
@@ -337,10 +339,10 @@ def run_items(
     identity = {"kind": _kinds(items), "source": where, "options": dict(options or {})}
     description = json.dumps(identity, sort_keys=True, default=str)
     return BulkRun(
-        client,
+        sender,
         run_id,
         items,
-        fingerprint=_digest(identity),
+        fingerprint=digest(identity),
         description=description,
         handled=handled,
         max_pending=max_pending,

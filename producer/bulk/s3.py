@@ -1,48 +1,16 @@
-"""Listing the images under an S3 prefix (the same ``BLIPQ_S3_*`` settings the worker reads)."""
+"""Listing the images under an S3 prefix (``producer.protocol.s3``: the worker's settings)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
-import boto3
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from producer.bulk.errors import BulkError
+from producer.protocol.s3 import S3Settings, make_s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-
-class S3Settings(BaseSettings):
-    """The object store a producer lists: the same ``BLIPQ_S3_*`` variables the worker reads."""
-
-    model_config = SettingsConfigDict(env_prefix="BLIPQ_S3_", extra="ignore", frozen=True)
-
-    endpoint_url: str | None = Field(
-        default=None, description="S3-compatible endpoint; unset = AWS."
-    )
-    region: str | None = Field(default=None, description="S3 region name.")
-    access_key_id: str | None = Field(default=None, description="Else the boto3 credential chain.")
-    secret_access_key: SecretStr | None = None
-    addressing_style: Literal["auto", "path", "virtual"] = "path"
-
-
-def make_s3_client(settings: S3Settings | None = None) -> S3Client:
-    from botocore.config import Config
-
-    settings = settings or S3Settings()
-    secret = settings.secret_access_key
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=settings.endpoint_url,
-        region_name=settings.region or "us-east-1",
-        aws_access_key_id=settings.access_key_id,
-        aws_secret_access_key=secret.get_secret_value() if secret else None,
-        config=Config(s3={"addressing_style": settings.addressing_style}),
-    )
 
 
 def split_prefix(uri: str) -> tuple[str, str]:
@@ -65,3 +33,6 @@ def list_prefix(s3: S3Client, uri: str, suffixes: Sequence[str] = ()) -> list[st
                 continue
             uris.append(f"s3://{bucket}/{quote(key, safe='/')}")
     return uris
+
+
+__all__ = ["S3Settings", "list_prefix", "make_s3_client", "split_prefix"]

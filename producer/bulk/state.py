@@ -15,7 +15,7 @@ from redis.typing import EncodableT, FieldT
 
 from producer.bulk.errors import BulkError
 from producer.bulk.progress import Progress, compute_progress
-from producer.constants import (
+from producer.protocol.keys import (
     BULK_DONE_KEY,
     BULK_JOBS_KEY,
     BULK_LOCK_KEY,
@@ -91,7 +91,7 @@ class RunStatus:
 
 
 class RunState:
-    """The Redis keys of one run (see ``producer.constants``)."""
+    """The Redis keys of one run (see ``producer.protocol.keys``)."""
 
     def __init__(self, client: redis.Redis, run_id: str, expires_s: int) -> None:
         self.redis = client

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from producer import Client
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess, free_port
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess, free_port
 from tests.fixtures.tiny import build_caption_model, build_match_model, build_vqa_model
 
 pytestmark = pytest.mark.e2e

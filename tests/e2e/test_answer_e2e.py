@@ -19,12 +19,18 @@ from celery import Celery, states
 from celery.app.task import Context
 from redis.connection import Connection
 
-from producer import ledger
-from producer.constants import DELIVERIES_KEY, LEDGER, LEDGER_PAYLOADS, RESULTS_STREAM, TASK_RUN_JOB
-from producer.embedded import EmbeddedRedis
-from producer.jobs import JobResult, encode_result
-from producer.transport import celery_config
-from worker.results import WorkerResultBackend
+from producer.cli.embedded import EmbeddedRedis
+from producer.protocol import ledger
+from producer.protocol.celeryconf import celery_config
+from producer.protocol.jobs import JobResult, encode_result
+from producer.protocol.keys import (
+    DELIVERIES_KEY,
+    LEDGER,
+    LEDGER_PAYLOADS,
+    RESULTS_STREAM,
+    TASK_RUN_JOB,
+)
+from worker.celery.backend import WorkerResultBackend
 from worker.settings import Settings
 
 
@@ -41,7 +47,7 @@ def backend(private_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch) -> Wo
     settings = Settings()
     app = Celery("answer-test", set_as_current=False)
     app.conf.update(celery_config(settings))
-    app.conf.result_backend = f"worker.results:WorkerResultBackend+{private_redis.url}"
+    app.conf.result_backend = f"worker.celery.backend:WorkerResultBackend+{private_redis.url}"
     assert isinstance(app.backend, WorkerResultBackend)
     return app.backend
 

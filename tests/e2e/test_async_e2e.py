@@ -8,7 +8,7 @@ import time
 import pytest
 
 from producer import AsyncClient, CaptionJob, MatchJob, ResultTimeout, VqaJob
-from producer.embedded import EmbeddedRedis, WorkerProcess
+from producer.cli.embedded import EmbeddedRedis, WorkerProcess
 from tests.fixtures.images import sample_jpegs
 
 

@@ -16,8 +16,8 @@ from kombu import Connection, Exchange, Queue
 from PIL import Image
 
 from producer import CaptionJob, Client, JobResult, ModerationJob
-from producer.constants import TASK_RUN_JOB
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.protocol.keys import TASK_RUN_JOB
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import encode, make_image
 
@@ -98,7 +98,7 @@ RAW_ERRORS: dict[str, object] = {
 
 def _send_raw(client: Client, payload: object, queue: str = "blipq.caption") -> str:
     job_id = str(uuid.uuid4())
-    client._app.send_task(  # the producer's validation is bypassed on purpose
+    client.sender.app.send_task(  # the producer's validation is bypassed on purpose
         TASK_RUN_JOB,
         kwargs={"job": payload, "submitted_at": time.time()},
         task_id=job_id,

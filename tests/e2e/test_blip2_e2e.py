@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from producer import CaptionJob, CaptionOutput, Client, ErrorCode, VqaJob, VqaOutput
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import sample_jpegs
 from tests.fixtures.tiny_blip2 import NUM_QUERY_TOKENS, OPT_MAX_POSITIONS, build_blip2_opt

@@ -21,9 +21,9 @@ import pytest
 import redis
 
 from producer import Client
-from producer.bulk import BulkError, job_id_for
-from producer.constants import BULK_RUN_KEY
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.bulk import BulkError, job_id_for, start_run
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.protocol.keys import BULK_RUN_KEY
 from tests.fixtures.images import sample_jpegs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,11 +173,11 @@ def test_python_bulk_stop_iterating_then_resume(
 ) -> None:
     uris = upload(s3, "bulk-py", "set/", 60)
     options = {"model": "tiny-caption", "max_new_tokens": 8}
-    run = client.bulk(uris, options=options, max_pending=12, chunk=6)
+    run = start_run(client.sender, uris, options=options, max_pending=12, chunk=6)
     assert run.total == 60 and not run.resumed
     # One runner per run: a second start while this one holds the lease is refused.
     with pytest.raises(BulkError, match="is being run by"):
-        client.bulk(uris, options=options)
+        start_run(client.sender, uris, options=options)
     first: list[str] = []
     for item in run:
         assert item.result.ok, item.result.error
@@ -188,9 +188,9 @@ def test_python_bulk_stop_iterating_then_resume(
     progress = run.progress()
     assert progress.total == 60 and progress.done == 24  # the last one handed out is not acked
     assert 25 <= progress.submitted < 60
-    run.close()  # a no-op now; with `with client.bulk(...) as run:` it is implied
+    run.close()  # a no-op now; `with start_run(...) as run:` implies it
 
-    with client.bulk(uris, options=options, max_pending=12, chunk=6) as resumed:
+    with start_run(client.sender, uris, options=options, max_pending=12, chunk=6) as resumed:
         assert resumed.run_id == run.run_id and resumed.resumed
         second = [item.key for item in resumed]
     # At least once: the item being handled when the iteration stopped comes back; nothing else.

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from producer import CaptionJob, Client, ErrorCode, JobResult
-from producer.constants import RESULTS_STREAM
-from producer.embedded import EmbeddedRedis, WorkerProcess
+from producer.cli.embedded import EmbeddedRedis, WorkerProcess
+from producer.protocol.keys import RESULTS_STREAM
 from tests.fixtures.images import sample_jpegs
 
 PROMPTS = [None, "a photography of", "a picture of the red", None, "there is"]
@@ -141,7 +141,7 @@ def test_submit_many_is_one_round_trip_per_chunk(monkeypatch) -> None:  # type: 
     """Spy on redis-py: the LPUSHes of a chunk go out in one pipeline, never one by one."""
     import redis.client
 
-    from producer.config import ClientSettings
+    from producer.protocol.settings import ClientSettings
 
     counts = {"pipelines": 0, "direct_lpush": 0}
     execute, lpush = redis.client.Pipeline.execute, redis.client.Redis.lpush

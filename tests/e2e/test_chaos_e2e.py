@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from producer import CaptionJob, Client, JobResult
-from producer.constants import RESULTS_STREAM
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.protocol.keys import RESULTS_STREAM
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import sample_jpegs
 

@@ -23,8 +23,11 @@ import redis
 from kombu import Connection, Exchange, Queue
 
 from producer import CaptionJob, Client, ErrorCode, JobResult, VqaJob
-from producer.chunks import encode_chunk
-from producer.constants import (
+from producer.bulk import start_run
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.protocol.chunks import encode_chunk
+from producer.protocol.jobs import AnyJob, encode_job, encode_result
+from producer.protocol.keys import (
     CHUNK_JOBS_HEADER,
     CHUNK_STARTED_KEY,
     DEAD_LETTER,
@@ -33,8 +36,6 @@ from producer.constants import (
     RESULTS_STREAM,
     TASK_RUN_CHUNK,
 )
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
-from producer.jobs import AnyJob, encode_job, encode_result
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import sample_jpegs
 
@@ -132,7 +133,7 @@ def test_chunked_submit_many_gives_each_job_its_own_result_equal_to_unchunked(
 
 def _send_chunk(client: Client, chunk_id: str, jobs: list[tuple[str, object]]) -> None:
     """A chunk message as Client.submit_many sends one, with a chosen chunk id (no ledger)."""
-    client._app.send_task(
+    client.sender.app.send_task(
         TASK_RUN_CHUNK,
         kwargs=encode_chunk(jobs, time.time()),
         task_id=chunk_id,
@@ -192,8 +193,13 @@ def test_chunked_bulk_run(caption_worker: WorkerProcess, client: Client, images:
     uris = [f"s3://{BUCKET}/{i % 4}.jpg" for i in range(10)] + [f"s3://{BUCKET}/gone.jpg"]
     items = {f"item-{i}": uri for i, uri in enumerate(uris)}
     before = _received(caption_worker)
-    with client.bulk(
-        items, kind="caption", options={"model": "tiny-caption"}, per_message=4, chunk=8
+    with start_run(
+        client.sender,
+        items,
+        kind="caption",
+        options={"model": "tiny-caption"},
+        per_message=4,
+        chunk=8,
     ) as run:
         results = {item.key: item.result for item in run}
     assert run.complete and set(results) == set(items)

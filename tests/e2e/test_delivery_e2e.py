@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import redis
 
 from producer import CaptionJob, Client, ErrorCode
-from producer.constants import DEAD_LETTER, DELIVERIES_KEY, RESULTS_STREAM
-from producer.embedded import WorkerProcess
+from producer.cli.embedded import WorkerProcess
+from producer.protocol.keys import DEAD_LETTER, DELIVERIES_KEY, RESULTS_STREAM
 from tests.fixtures.images import sample_jpegs
 
 

@@ -17,7 +17,7 @@ from typing import IO
 import httpx
 import pytest
 
-from producer.embedded import EmbeddedRedis, WorkerProcess, free_port
+from producer.cli.embedded import EmbeddedRedis, WorkerProcess, free_port
 from tests.fixtures.images import sample_jpegs
 
 REPO = Path(__file__).resolve().parents[2]

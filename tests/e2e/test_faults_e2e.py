@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from producer import CaptionJob, Client, JobResult
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import sample_jpegs
 

@@ -7,7 +7,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer import CaptionJob, Client
-from producer.embedded import WorkerProcess
+from producer.cli.embedded import WorkerProcess
 from tests.fixtures.images import sample_jpegs
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from producer import Client, ErrorCode, MatchJob, MatchOutput, ModerationJob, ModerationOutput
 from producer.cli import main
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import sample_jpegs
 from tests.fixtures.shapes import world
@@ -106,7 +106,7 @@ def test_moderation_jobs_equal_the_in_process_runner(
 ) -> None:
     from worker.models.base import Placement
     from worker.models.blip_match import MatchRunner
-    from worker.moderation import load_policy
+    from worker.models.moderation import load_policy
     from worker.settings import ModelSpec
 
     redis_server, _ = tiny_moderation

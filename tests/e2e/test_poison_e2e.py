@@ -20,8 +20,8 @@ import pytest
 import redis
 
 from producer import CaptionJob, Client, ErrorCode, JobResult, ResultTimeout
-from producer.constants import DEAD_LETTER, DELIVERIES_KEY, LEDGER, RESULTS_STREAM
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.protocol.keys import DEAD_LETTER, DELIVERIES_KEY, LEDGER, RESULTS_STREAM
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import sample_jpegs
 

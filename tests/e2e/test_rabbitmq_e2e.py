@@ -11,7 +11,7 @@ import pytest
 from kombu import Connection
 
 from producer import CaptionJob, CaptionOutput, Client
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import sample_jpegs
 

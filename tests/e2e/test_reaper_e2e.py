@@ -11,9 +11,9 @@ import pytest
 import redis
 
 from producer import CaptionJob, Client
-from producer.constants import CHUNK_JOBS_HEADER, DELIVERIES_KEY, LEDGER
-from producer.embedded import EmbeddedRedis
-from worker.reaper import Reaper, Resend
+from producer.cli.embedded import EmbeddedRedis
+from producer.protocol.keys import CHUNK_JOBS_HEADER, DELIVERIES_KEY, LEDGER
+from worker.delivery.reaper import Reaper, Resend
 
 QUEUE = "blipq.caption"
 

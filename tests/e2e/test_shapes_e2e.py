@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from producer import CaptionJob, CaptionOutput, Client, MatchJob, MatchOutput, VqaJob, VqaOutput
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.shapes import world
 

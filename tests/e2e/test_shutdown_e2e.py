@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from producer import CaptionJob, Client
-from producer.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import sample_jpegs
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from producer.embedded import EmbeddedS3, free_port
-from producer.errors import JobFailure, Retryable
-from producer.jobs import ErrorCode, ImageRef
+from producer.cli.embedded import EmbeddedS3, free_port
+from producer.protocol.errors import JobFailure, Retryable
+from producer.protocol.jobs import ErrorCode, ImageRef
 from worker.images import Limits
 from worker.settings import Settings
 from worker.storage import ObjectReader, make_s3_client

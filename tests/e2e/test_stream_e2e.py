@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from producer import CaptionJob, Client
-from producer.embedded import WorkerProcess
+from producer.cli.embedded import WorkerProcess
 from tests.fixtures.images import sample_jpegs
 
 
@@ -41,7 +41,7 @@ def test_stream_consumer_group_is_resumable(
 
 
 def test_queue_depths_and_worker_activity(caption_worker: WorkerProcess) -> None:
-    from producer.embedded import EmbeddedRedis
+    from producer.cli.embedded import EmbeddedRedis
 
     server = EmbeddedRedis().start()  # no worker consumes here: depths are exact
     try:
@@ -81,14 +81,14 @@ def test_a_job_sent_with_ignore_result_is_still_answered(
     import time
     import uuid
 
-    from producer.constants import TASK_RUN_JOB
-    from producer.jobs import encode_job
+    from producer.protocol.jobs import encode_job
+    from producer.protocol.keys import TASK_RUN_JOB
 
     s3.create_bucket(Bucket="ignored")
     s3.put_object(Bucket="ignored", Key="a.jpg", Body=sample_jpegs(1, seed=72)[0])
     job_id = str(uuid.uuid4())
     job = encode_job(CaptionJob(image="s3://ignored/a.jpg", model="tiny-caption"))
-    client._app.send_task(
+    client.sender.app.send_task(
         TASK_RUN_JOB,
         kwargs={"job": job, "submitted_at": time.time()},
         task_id=job_id,

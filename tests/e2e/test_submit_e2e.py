@@ -16,9 +16,9 @@ import redis
 from celery import states
 
 from producer import CaptionJob, Client
-from producer.embedded import EmbeddedRedis
-from producer.errors import ResultTimeout
-from producer.jobs import JobResult, encode_result
+from producer.cli.embedded import EmbeddedRedis
+from producer.protocol.errors import ResultTimeout
+from producer.protocol.jobs import JobResult, encode_result
 
 JOB = CaptionJob(image="s3://bucket/a.jpg", model="nobody-serves-this")
 
@@ -37,7 +37,7 @@ def counts(private_redis: EmbeddedRedis) -> Iterator[Callable[[str], int]]:
 
 def _store_later(client: Client, job_id: str, delay_s: float) -> threading.Thread:
     """Store a result as a worker would, a little later (so it arrives as a message)."""
-    backend = client._app.backend  # looked up here: Celery's backends are per thread
+    backend = client.sender.app.backend  # looked up here: Celery's backends are per thread
 
     def store() -> None:
         time.sleep(delay_s)
@@ -87,7 +87,7 @@ def test_a_wait_that_times_out_leaves_no_subscription(private_redis: EmbeddedRed
         job_id = client.submit(JOB)
         with pytest.raises(ResultTimeout):
             client.result(job_id, timeout=0.3)
-        key = client._app.backend.get_key_for_task(job_id)
+        key = client.sender.app.backend.get_key_for_task(job_id)
         deadline = time.monotonic() + 5
         while admin.pubsub_numsub(key)[0][1] and time.monotonic() < deadline:
             time.sleep(0.05)

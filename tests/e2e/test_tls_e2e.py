@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from producer import AsyncClient, CaptionJob, Client
-from producer.embedded import (
+from producer.cli.embedded import (
     EmbeddedS3,
     WorkerProcess,
     _redis_binary,

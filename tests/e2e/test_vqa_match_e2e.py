@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from producer import Client, ErrorCode, MatchJob, MatchOutput, VqaJob, VqaOutput
-from producer.embedded import WorkerProcess
+from producer.cli.embedded import WorkerProcess
 from tests.fixtures.images import sample_jpegs
 
 QUESTIONS = ["what?", "how many shapes are there?", "is there a blue triangle?", "what color?"]

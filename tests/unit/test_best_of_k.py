@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from producer.errors import JobFailure
-from producer.jobs import CaptionJob, ErrorCode, MatchJob
+from producer.protocol.errors import JobFailure
+from producer.protocol.jobs import CaptionJob, ErrorCode, MatchJob
 from tests.fixtures.images import sample_jpegs
 from worker.models.base import Placement
 from worker.models.blip_caption import CaptionRunner

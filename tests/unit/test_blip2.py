@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from producer.errors import JobFailure
-from producer.jobs import CaptionJob, CaptionOutput, ErrorCode, VqaJob, VqaOutput
+from producer.protocol.errors import JobFailure
+from producer.protocol.jobs import CaptionJob, CaptionOutput, ErrorCode, VqaJob, VqaOutput
 from tests.fixtures.images import sample_jpegs
 from tests.fixtures.tiny_blip2 import (
     NUM_QUERY_TOKENS,

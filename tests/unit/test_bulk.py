@@ -28,7 +28,7 @@ from producer.bulk import (
     split_prefix,
 )
 from producer.cli import build_parser
-from producer.jobs import (
+from producer.protocol.jobs import (
     CaptionJob,
     CaptionOutput,
     ErrorCode,

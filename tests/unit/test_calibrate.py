@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from producer import calibrate as cal
+from producer.cli import calibrate as cal
 from producer.cli import main
-from producer.jobs import AnyJob, CategoryScore, JobResult, ModerationJob, ModerationOutput
+from producer.protocol.jobs import AnyJob, CategoryScore, JobResult, ModerationJob, ModerationOutput
 
 # --- threshold math ------------------------------------------------------------------------------
 
@@ -240,7 +240,7 @@ def test_calibrate_command_prints_a_table_and_writes_a_valid_policy(
     ]
     manifest.write_text("\n".join([*lines, '{"image": "s3://bkt/missing.jpg"}']) + "\n")
     fake = FakeClient({image: [c.score for c in out.categories] for image, _, out in rows})
-    monkeypatch.setattr("producer.cli._client", lambda args: fake)
+    monkeypatch.setattr("producer.cli.blipq._client", lambda args: fake)
     base = tmp_path / "base.yaml"
     base.write_text(
         yaml.safe_dump(
@@ -280,7 +280,7 @@ def test_calibrate_command_prints_a_table_and_writes_a_valid_policy(
     }
     assert thresholds == {"violence": (0.8, 0.8), "weapons": (0.9, 0.9), "alcohol": (0.5, 0.95)}
 
-    from worker.moderation import load_policy  # the worker accepts what the producer wrote
+    from worker.models.moderation import load_policy  # the worker accepts what the producer wrote
 
     assert load_policy(out_path, "default").categories[2].block_threshold == 0.95
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from producer.jobs import CaptionJob
+from producer.protocol.jobs import CaptionJob
 from tests.fixtures.images import sample_jpegs
 from worker.batcher import Batcher, BatchPolicy
 from worker.models.base import Placement

@@ -1,5 +1,5 @@
 """Chunk messages: grouping and the wire format (producer), and the worker's expansion of a chunk
-into jobs with fakes for Redis, the result backend and the runtime (no servers)."""
+into jobs with fakes for Redis, the result backend and the engine (no servers)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from celery import states
 from celery.exceptions import Reject
 
 from producer import CaptionJob, ErrorCode, JobResult
-from producer.chunks import ChunkEntry, decode_chunk, encode_chunk, group_messages
-from producer.constants import LEDGER, MAX_JOBS_PER_MESSAGE, TASK_RUN_JOB
-from producer.errors import InvalidJob, Retryable
-from producer.jobs import CaptionOutput, decode_job, encode_job, encode_result
-from worker.chunks import ChunkRunner
+from producer.protocol.chunks import ChunkEntry, decode_chunk, encode_chunk, group_messages
+from producer.protocol.errors import InvalidJob, Retryable
+from producer.protocol.jobs import CaptionOutput, decode_job, encode_job, encode_result
+from producer.protocol.keys import LEDGER, MAX_JOBS_PER_MESSAGE, TASK_RUN_JOB
+from worker.celery.chunks import ChunkRunner
+from worker.delivery.policy import DeliveryPolicy
 
 # --- producer side ---------------------------------------------------------------------------
 
@@ -162,8 +163,8 @@ class FakeSettings:
     result_expires_s: int = 3600
 
 
-class FakeRuntime:
-    """Runs a job the way Runtime.handle answers it: ok, or a failure with its error code."""
+class FakeEngine:
+    """Runs a job the way Engine.handle answers it: ok, or a failure with its error code."""
 
     worker_name = "test:1"
 
@@ -173,6 +174,7 @@ class FakeRuntime:
         self.publisher = FakePublisher()
         self.quarantine = FakeQuarantine()
         self.settings = FakeSettings()
+        self.policy = DeliveryPolicy(max_attempts=7, max_deliveries=3, worker=self.worker_name)
         self.handled: list[str] = []
         self._lock = threading.Lock()
 
@@ -221,15 +223,15 @@ class FakeBackend:
 
 
 @pytest.fixture
-def parts() -> Iterator[tuple[ChunkRunner, FakeRuntime, FakeBackend, list[dict[str, Any]]]]:
-    runtime, sent = FakeRuntime(), []
-    backend = FakeBackend(runtime.publisher, runtime.deliveries)
+def parts() -> Iterator[tuple[ChunkRunner, FakeEngine, FakeBackend, list[dict[str, Any]]]]:
+    engine, sent = FakeEngine(), []
+    backend = FakeBackend(engine.publisher, engine.deliveries)
 
     def send_task(name: str, **options: Any) -> None:
         sent.append({"name": name, **options})
 
-    runner = ChunkRunner(runtime, threads=4, backend=backend, send_task=send_task)  # type: ignore[arg-type]
-    yield runner, runtime, backend, sent
+    runner = ChunkRunner(engine, threads=4, backend=backend, send_task=send_task)  # type: ignore[arg-type]
+    yield runner, engine, backend, sent
     runner.close()
 
 
@@ -239,7 +241,7 @@ def _chunk(*images: str) -> list[dict[str, Any]]:
 
 
 def test_every_job_of_a_chunk_gets_its_own_result_and_event(parts: Any) -> None:
-    runner, runtime, backend, sent = parts
+    runner, engine, backend, sent = parts
     jobs = _chunk("a.jpg", "b.jpg", "c.jpg")
     jobs.insert(1, {"job_id": "bad", "job": {"kind": "caption", "image": "http://x"}})
     assert runner.run("chunk-1", jobs, 100.0, "blipq.caption") == 4
@@ -248,70 +250,70 @@ def test_every_job_of_a_chunk_gets_its_own_result_and_event(parts: Any) -> None:
     assert backend.stored["job-1"]["result"]["output"]["caption"] == "s3://b-1/b.jpg"
     bad = backend.stored["bad"]["result"]
     assert bad["status"] == "error" and bad["error"]["code"] == "invalid_job"  # it fails alone
-    assert sorted(runtime.publisher.events) == sorted(backend.stored)
-    assert sorted(runtime.deliveries.completed_ids) == sorted(backend.stored)
-    assert runtime.deliveries.starts == {}  # every start finished
-    assert runtime.quarantine.inside == 4  # each job ran under the shared quarantine
+    assert sorted(engine.publisher.events) == sorted(backend.stored)
+    assert sorted(engine.deliveries.completed_ids) == sorted(backend.stored)
+    assert engine.deliveries.starts == {}  # every start finished
+    assert engine.quarantine.inside == 4  # each job ran under the shared quarantine
     assert sent == []
 
 
 def test_a_redelivered_chunk_answers_stored_jobs_and_sends_the_rest_alone(parts: Any) -> None:
-    runner, runtime, backend, sent = parts
+    runner, engine, backend, sent = parts
     jobs = _chunk("a.jpg", "b.jpg", "c.jpg")
     # The first delivery: job-0 was answered (and announced), then the worker died.
-    runtime.redis.set("blipq:chunk:chunk-2", 1)
+    engine.redis.set("blipq:chunk:chunk-2", 1)
     done = JobResult(job_id="job-0", kind="caption", status="ok")
     backend.store_result("job-0", encode_result(done), states.SUCCESS)
-    runtime.publisher.publish(encode_result(done))
-    runtime.deliveries.starts["job-1"] = 1  # in flight when the worker died: a suspect
-    runtime.redis.keys[LEDGER] = {"job-1": 100.0, "job-2": 100.0}  # job-0 was cleared
+    engine.publisher.publish(encode_result(done))
+    engine.deliveries.starts["job-1"] = 1  # in flight when the worker died: a suspect
+    engine.redis.keys[LEDGER] = {"job-1": 100.0, "job-2": 100.0}  # job-0 was cleared
     before = time.time()
 
     assert runner.run("chunk-2", jobs, 100.0, "blipq.caption") == 1
-    assert runtime.handled == []  # nothing runs again in the chunk
-    assert runtime.publisher.events == ["job-0"]  # no second event
-    assert runtime.deliveries.completed_ids == ["job-0"]
+    assert engine.handled == []  # nothing runs again in the chunk
+    assert engine.publisher.events == ["job-0"]  # no second event
+    assert engine.deliveries.completed_ids == ["job-0"]
     assert [(s["name"], s["task_id"], s["queue"]) for s in sent] == [
         (TASK_RUN_JOB, "job-1", "blipq.caption"),
         (TASK_RUN_JOB, "job-2", "blipq.caption"),
     ]
     assert sent[0]["kwargs"] == {"job": jobs[1]["job"], "submitted_at": 100.0}
-    assert runtime.deliveries.starts == {"job-1": 1}  # run_job counts it; the split did not
+    assert engine.deliveries.starts == {"job-1": 1}  # run_job counts it; the split did not
     # Sent on at the far end of the queue: their ledger wait restarts, so the reaper does not take
     # them for lost while they wait there behind messages submitted after them.
-    ledger = runtime.redis.keys[LEDGER]
+    ledger = engine.redis.keys[LEDGER]
     assert isinstance(ledger, dict) and set(ledger) == {"job-1", "job-2"}
     assert all(score >= before for score in ledger.values())
 
 
 def test_a_job_started_before_is_sent_alone_for_run_job_to_judge(parts: Any) -> None:
-    runner, runtime, backend, sent = parts
-    runtime.deliveries.starts["job-1"] = 2
+    runner, engine, backend, sent = parts
+    engine.deliveries.starts["job-1"] = 2
     assert runner.run("chunk-3", _chunk("a.jpg", "b.jpg"), 100.0, "blipq.caption") == 1
     assert set(backend.stored) == {"job-0"}
     assert [s["task_id"] for s in sent] == ["job-1"]
-    assert runtime.deliveries.starts == {"job-1": 2}  # not counted here
-    assert not runtime.redis.keys.get(LEDGER)  # its wait restarts only if it is in the ledger
+    assert engine.deliveries.starts == {"job-1": 2}  # not counted here
+    assert not engine.redis.keys.get(LEDGER)  # its wait restarts only if it is in the ledger
 
 
 def test_a_transient_failure_is_retried_as_a_message_of_its_own(parts: Any) -> None:
-    runner, runtime, backend, sent = parts
+    runner, engine, backend, sent = parts
     assert runner.run("chunk-4", _chunk("a.jpg", "flaky.jpg"), 100.0, "blipq.caption") == 1
     assert set(backend.stored) == {"job-0"}
     assert [(s["task_id"], s["retries"], s["countdown"]) for s in sent] == [("job-1", 1, 1.0)]
-    assert runtime.deliveries.finished_ids == ["job-1"]
+    assert engine.deliveries.finished_ids == ["job-1"]
 
 
 def test_a_transient_failure_with_no_retries_left_is_a_result(parts: Any) -> None:
-    runner, runtime, backend, sent = parts
-    runtime.settings.s3_max_attempts = 1
+    runner, engine, backend, sent = parts
+    engine.policy = DeliveryPolicy(max_attempts=1, max_deliveries=3, worker="test:1")
     runner.run("chunk-5", _chunk("flaky.jpg"), 100.0, "blipq.caption")
     result = backend.stored["job-0"]["result"]
     assert result["error"]["code"] == ErrorCode.STORAGE_UNAVAILABLE.value and sent == []
 
 
 def test_a_job_without_a_result_puts_the_chunk_back(parts: Any) -> None:
-    runner, _runtime, backend, _sent = parts
+    runner, _engine, backend, _sent = parts
     with pytest.raises(Reject) as info:
         runner.run("chunk-6", _chunk("a.jpg", "broken.jpg"), 100.0, "blipq.caption")
     assert info.value.requeue
@@ -319,12 +321,12 @@ def test_a_job_without_a_result_puts_the_chunk_back(parts: Any) -> None:
 
 
 def test_a_refused_chunk_answers_each_job_with_invalid_job(parts: Any) -> None:
-    runner, runtime, backend, _sent = parts
+    runner, engine, backend, _sent = parts
     jobs = [{"job_id": f"j{i}", "job": {}} for i in range(MAX_JOBS_PER_MESSAGE + 1)]
     jobs.append({"no": "id"})
     runner.run("chunk-7", jobs, None, "blipq.caption")
     assert len(backend.stored) == MAX_JOBS_PER_MESSAGE + 1
     assert {m["result"]["error"]["code"] for m in backend.stored.values()} == {"invalid_job"}
-    assert runtime.handled == []
-    [(chunk_id, payload, reason)] = runtime.deliveries.dead
+    assert engine.handled == []
+    [(chunk_id, payload, reason)] = engine.deliveries.dead
     assert chunk_id == "chunk-7" and "no job id" in reason and payload

@@ -35,10 +35,11 @@ from celery import Celery
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
-from producer.config import ClientSettings
-from producer.constants import queue_for
-from producer.jobs import JOB_KINDS
-from producer.transport import make_app
+from producer.protocol.celeryconf import make_app
+from producer.protocol.jobs import JOB_KINDS
+from producer.protocol.keys import queue_for
+from producer.protocol.settings import ClientSettings
+from worker.models.registry import served_kinds
 from worker.settings import DEFAULT_MODELS, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -338,16 +339,16 @@ def test_every_worker_command_names_the_real_celery_app() -> None:
     }
     for where, command in commands.items():
         module = _celery_module(command)
-        assert module == "worker.app", where
+        assert module == "worker.celery.app", where
         assert command[3] == "worker", where
     readiness = _container()["readinessProbe"]["exec"]["command"]
     assert readiness[:2] == ["sh", "-c"]
     probe = shlex.split(readiness[2])
-    assert probe[0] == "exec" and _celery_module(probe[1:]) == "worker.app"
+    assert probe[0] == "exec" and _celery_module(probe[1:]) == "worker.celery.app"
     assert probe[1:][3:5] == ["inspect", "ping"]
     assert probe[probe.index("--destination") + 1] == "celery@${HOSTNAME}"
-    assert importlib.util.find_spec("worker.app") is not None
-    from worker.app import app
+    assert importlib.util.find_spec("worker.celery.app") is not None
+    from worker.celery.app import app
 
     assert isinstance(app, Celery)
 
@@ -577,7 +578,7 @@ def test_keda_scales_the_worker_deployment_on_its_own_queues(
     lists = [t["metadata"]["listName"] for t in triggers if t["type"] == "redis"]
     assert len(lists) == len(triggers) == len(set(lists))
     assert set(lists) <= QUEUES, f"not blipq queues: {set(lists) - QUEUES}"
-    served = _settings_from(_deployment_env(), monkeypatch).served_kinds()
+    served = served_kinds(_settings_from(_deployment_env(), monkeypatch).served())
     assert set(lists) == {queue_for(kind) for kind in served}
 
 

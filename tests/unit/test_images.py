@@ -8,7 +8,7 @@ import random
 import pytest
 from PIL import Image
 
-from producer.jobs import ErrorCode
+from producer.protocol.jobs import ErrorCode
 from tests.fixtures.images import encode, make_image
 from worker.images import ImageFailure, Limits, decode
 

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from producer import CaptionJob, ErrorCode, InvalidJob, JobResult, parse_image_uri
-from producer.jobs import (
+from producer.protocol.jobs import (
     CaptionOutput,
     Timings,
     decode_job,

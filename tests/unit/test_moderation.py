@@ -11,13 +11,13 @@ import torch
 import yaml
 from PIL import Image
 
-from producer.errors import JobFailure
-from producer.jobs import ErrorCode, MatchJob, ModerationJob
+from producer.protocol.errors import JobFailure
+from producer.protocol.jobs import ErrorCode, MatchJob, ModerationJob
 from tests.fixtures.images import sample_jpegs
-from worker import moderation
+from worker.models import moderation
 from worker.models.base import Placement
 from worker.models.blip_match import MatchRunner, Moderated
-from worker.moderation import Policy, PolicyError, load_policy
+from worker.models.moderation import Policy, PolicyError, load_policy
 from worker.settings import Settings
 
 CPU = Placement(torch.device("cpu"), torch.float32)

@@ -7,17 +7,18 @@ from typing import Any
 
 from PIL import Image
 
-from producer.jobs import CaptionJob, CaptionOutput
+from producer.protocol.jobs import CaptionJob, CaptionOutput
 from worker.batcher import Batcher, BatchPolicy
-from worker.models import Placement, load_runner
+from worker.models import Placement
 from worker.models.null import NullItem, NullRunner
+from worker.models.registry import kinds_of, load_runner
 from worker.settings import Settings
 
 
 def _runner(source: str = "null") -> NullRunner:
     settings = Settings(models={"null": {"source": source, "family": "null"}}, serve=["null"])
     (spec,) = settings.served()
-    assert spec.kinds == ("caption",)
+    assert kinds_of(spec.family) == ("caption",)
     runner = load_runner(spec, Placement.from_settings(settings), warmup=True)
     assert isinstance(runner, NullRunner)
     return runner

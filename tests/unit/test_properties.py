@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer.errors import InvalidJob
-from producer.jobs import ErrorCode, decode_job
+from producer.protocol.errors import InvalidJob
+from producer.protocol.jobs import ErrorCode, decode_job
 from worker.images import ImageFailure, Limits, decode
 
 json_values = st.recursive(

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from worker.quarantine import Quarantine
+from worker.delivery.quarantine import Quarantine
 
 
 def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -15,10 +15,11 @@ import pytest
 import torch
 from transformers.models.blip.modeling_blip import BlipAttention
 
-from producer.jobs import CaptionJob, MatchJob, VqaJob
+from producer.protocol.jobs import CaptionJob, MatchJob, VqaJob
 from tests.fixtures.shapes import world
 from worker.models.attention import SdpaBlipAttention, use_eager_attention, use_sdpa_attention
-from worker.models.base import ModelRunner, Placement, load_runner
+from worker.models.base import ModelRunner, Placement
+from worker.models.registry import load_runner
 from worker.settings import ModelSpec
 
 MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"

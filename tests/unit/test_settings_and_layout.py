@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.runtime import configure_process
+from worker.engine import configure_process
+from worker.models.registry import served_kinds
 from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert settings.model_map()["caption-large"].source == "Salesforce/blip-image-captioning-large"
     assert settings.s3_allowed_buckets == ["a-bucket", "b-bucket"]
     assert settings.worker_concurrency == 68
-    assert settings.served_kinds() == ["caption"]
+    assert served_kinds(settings.served()) == ["caption"]
 
 
 def test_defaults_point_at_the_real_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,7 +46,8 @@ def test_serving_an_unknown_model_says_what_to_do(monkeypatch: pytest.MonkeyPatc
 
 def test_producer_imports_neither_torch_nor_worker() -> None:
     code = (
-        "import sys, producer, producer.cli, producer.client, producer.embedded, producer.demo;"
+        "import sys, producer, producer.cli, producer.client, producer.cli.embedded,"
+        " producer.cli.demo;"
         "heavy = ('torch', 'transformers', 'worker', 'PIL');"
         "bad = [m for m in sys.modules if m.split('.')[0] in heavy];"
         "assert not bad, bad"
@@ -74,7 +76,7 @@ def test_the_worker_process_hands_the_gil_over_at_the_configured_interval() -> N
 def test_celery_logs_every_task_only_when_asked() -> None:
     import logging
 
-    from worker.app import quiet_task_logs
+    from worker.celery.app import quiet_task_logs
 
     loggers = [logging.getLogger(n) for n in ("celery.app.trace", "celery.worker.strategy")]
     before = [logger.level for logger in loggers]

@@ -17,7 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from producer.jobs import CaptionJob, CaptionOutput, MatchJob, MatchOutput, VqaJob, VqaOutput
+from producer.protocol.jobs import (
+    CaptionJob,
+    CaptionOutput,
+    MatchJob,
+    MatchOutput,
+    VqaJob,
+    VqaOutput,
+)
 from tests.fixtures.shapes import world
 from worker.models.base import ModelRunner, Placement
 from worker.models.blip_caption import CaptionRunner

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from producer.jobs import MatchJob, VqaJob
+from producer.protocol.jobs import MatchJob, VqaJob
 from tests.fixtures.images import sample_jpegs
 from worker.models.base import ModelRunner, Placement
 from worker.models.blip_match import MatchRunner

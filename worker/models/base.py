@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from PIL import Image
 
-from producer.jobs import AnyJob
+from producer.protocol.jobs import AnyJob
 from worker.models.resize import resized_uint8
 from worker.settings import ModelSpec, Settings
 
@@ -179,48 +178,9 @@ def stack_pixels(tensors: list[torch.Tensor], placement: Placement) -> torch.Ten
     return pixels.to(placement.device, placement.dtype, non_blocking=True)
 
 
-def load_runner(
-    spec: ModelSpec, placement: Placement, *, warmup: bool, sdpa: bool = True
-) -> ModelRunner[Any]:
-    """Build, load and warm up the runner of one model; log what was loaded, where, how fast.
-
-    ``sdpa``: BLIP vision attention through torch's fused kernel (``worker.models.attention``).
-    """
-    from worker.models.blip2 import Blip2Runner
-    from worker.models.blip_caption import CaptionRunner
-    from worker.models.blip_match import MatchRunner
-    from worker.models.blip_vqa import VqaRunner
-    from worker.models.null import NullRunner
-
-    families: dict[str, type[ModelRunner[Any]]] = {
-        "caption": CaptionRunner,
-        "vqa": VqaRunner,
-        "match": MatchRunner,
-        "blip2": Blip2Runner,
-        "null": NullRunner,
-    }
-    if spec.family not in families:
-        raise ValueError(f"model {spec.name!r}: family {spec.family!r} is not available")
-    runner = families[spec.family](spec, placement)
-    started = time.perf_counter()
-    runner.load()
-    model = getattr(runner, "model", None)
-    if sdpa and isinstance(model, torch.nn.Module):
-        from worker.models.attention import use_sdpa_attention
-
-        use_sdpa_attention(model)
-    loaded = time.perf_counter() - started
-    if warmup:
-        runner.warmup()
-    log.info(
-        "loaded model %s (%s, serves %s) from %s on %s as %s in %.2fs (warm-up %.2fs)",
-        spec.name,
-        type(runner).__name__,
-        "/".join(spec.kinds),
-        spec.source,
-        placement.device,
-        str(placement.dtype).removeprefix("torch."),
-        loaded,
-        time.perf_counter() - started - loaded,
-    )
-    return runner
+def strip_pad(ids: list[int], pad: int) -> list[int]:
+    """Batched outputs are right-padded to the longest row; a row without its padding."""
+    end = len(ids)
+    while end > 0 and ids[end - 1] == pad:
+        end -= 1
+    return ids[:end]

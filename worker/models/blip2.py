@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from producer.errors import JobFailure
-from producer.jobs import CaptionJob, CaptionOutput, ErrorCode, VqaJob, VqaOutput
-from worker.models.base import ModelRunner, stack_pixels
+from producer.protocol.errors import JobFailure
+from producer.protocol.jobs import CaptionJob, CaptionOutput, ErrorCode, VqaJob, VqaOutput
+from worker.models.base import ModelRunner, stack_pixels, strip_pad
 
 MAX_PROMPT_TOKENS = 512
 """Longest prompt accepted, image query tokens included (or the LM's positions, if fewer)."""
@@ -214,7 +214,7 @@ class Blip2Runner(ModelRunner[Blip2Job]):
         return ids, mask
 
     def _decode(self, item: Blip2Item, ids: list[int], start: int) -> Blip2Generated:
-        ids = _strip_pad(ids, self.pad_token_id)
+        ids = strip_pad(ids, self.pad_token_id)
         new = self.tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
         job = item.job
         output: CaptionOutput | VqaOutput
@@ -240,11 +240,3 @@ class Blip2Runner(ModelRunner[Blip2Job]):
         )
         self.run_batch([self.prepare(caption, image)])
         self.run_batch([self.prepare(vqa, image)])
-
-
-def _strip_pad(ids: list[int], pad: int) -> list[int]:
-    """Batched rows are right-padded to the longest; compare rows without the padding."""
-    end = len(ids)
-    while end > 0 and ids[end - 1] == pad:
-        end -= 1
-    return ids[:end]

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from producer.jobs import CaptionJob, CaptionOutput
-from worker import capfilt
-from worker.models.base import ModelRunner, load_blip_processor, stack_pixels
+from producer.protocol.jobs import CaptionJob, CaptionOutput
+from worker.models import capfilt
+from worker.models.base import ModelRunner, load_blip_processor, stack_pixels, strip_pad
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +110,7 @@ class CaptionRunner(ModelRunner[CaptionJob]):
         caption = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         continuation = self.tokenizer.decode(ids[prompt_len:], skip_special_tokens=True).strip()
         output = CaptionOutput(caption=caption, continuation=continuation, prompt=job.prompt)
-        return Generated(output=output, token_ids=_strip_pad(ids, self._pad_id))
+        return Generated(output=output, token_ids=strip_pad(ids, self._pad_id))
 
     def _best_of_k(
         self,
@@ -143,11 +143,3 @@ class CaptionRunner(ModelRunner[CaptionJob]):
         image = Image.new("RGB", (64, 64), (200, 200, 200))
         job = CaptionJob(image="s3://warm-up/x.jpg", model=self.name, max_new_tokens=2)
         self.run_batch([self.prepare(job, image)])
-
-
-def _strip_pad(ids: list[int], pad: int) -> list[int]:
-    """Batched outputs are right-padded to the longest row; compare rows without the padding."""
-    end = len(ids)
-    while end > 0 and ids[end - 1] == pad:
-        end -= 1
-    return ids[:end]

@@ -4,7 +4,7 @@ The image is encoded once per item, however many texts it is matched against; al
 batch run through the text encoder together (self-attention masks padding correctly; the image
 side is never padded, so the cross-attention mask BLIP ignores does not matter here).
 
-The same model serves moderation jobs (``worker.moderation``): a policy's prompts are
+The same model serves moderation jobs (``worker.models.moderation``): a policy's prompts are
 text-encoded once and cached here; each image is encoded once, shortlisted by ITC and re-ranked
 by ITM.
 """
@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch.nn.functional import normalize
 
-from producer.errors import JobFailure
-from producer.jobs import (
+from producer.protocol.errors import JobFailure
+from producer.protocol.jobs import (
     ErrorCode,
     MatchJob,
     MatchOutput,
@@ -28,7 +28,7 @@ from producer.jobs import (
     ModerationJob,
     ModerationOutput,
 )
-from worker import moderation
+from worker.models import moderation
 from worker.models.base import (
     ModelRunner,
     Placement,
@@ -42,7 +42,7 @@ from worker.settings import ModelSpec, Settings
 class MatchItem:
     pixel_values: torch.Tensor
     token_ids: list[list[int]]  # one unpadded list per text
-    job: MatchJob
+    texts: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +110,7 @@ class MatchRunner(ModelRunner[MatchJob | ModerationJob]):
         if isinstance(job, ModerationJob):
             return ModerationItem(self.pixels(self.image_processor, image), self._policy(job), job)
         ids = [self.tokenizer(text)["input_ids"] for text in job.texts]
-        return MatchItem(self.pixels(self.image_processor, image), ids, job)
+        return MatchItem(self.pixels(self.image_processor, image), ids, list(job.texts))
 
     def _policy(self, job: ModerationJob) -> moderation.Policy:
         policy = self.policies.get(job.policy)
@@ -152,18 +152,38 @@ class MatchRunner(ModelRunner[MatchJob | ModerationJob]):
         return [Moderated(moderation.moderate(policy, shortlist)) for shortlist in shortlists]
 
     def _match(self, items: list[MatchItem]) -> list[Matched]:
+        return [
+            Matched(
+                MatchOutput(
+                    scores=[
+                        MatchScore(text=text, itm=itm, itc=itc)
+                        for text, (itm, itc) in zip(item.texts, scored, strict=True)
+                    ]
+                )
+            )
+            for item, scored in zip(items, self._score_items(items), strict=True)
+        ]
+
+    def score(
+        self, pixels: Sequence[torch.Tensor], texts: Sequence[Sequence[str]]
+    ) -> list[list[tuple[float, float]]]:
+        """(ITM match probability, ITC cosine) of each image's texts, in one forward pass.
+        ``pixels``: prepared by this runner's image processor. Model thread only."""
+        items = [
+            MatchItem(p, [self.tokenizer(text)["input_ids"] for text in ts], list(ts))
+            for p, ts in zip(pixels, texts, strict=True)
+        ]
+        return self._score_items(items)
+
+    def _score_items(self, items: list[MatchItem]) -> list[list[tuple[float, float]]]:
         with torch.inference_mode():
             itm, itc = self._scores(items)
-        results, start = [], 0
+        scored, start = [], 0
         for item in items:
             end = start + len(item.token_ids)
-            scores = [
-                MatchScore(text=text, itm=float(p), itc=float(c))
-                for text, p, c in zip(item.job.texts, itm[start:end], itc[start:end], strict=True)
-            ]
-            results.append(Matched(MatchOutput(scores=scores)))
+            scored.append(list(zip(itm[start:end], itc[start:end], strict=True)))
             start = end
-        return results
+        return scored
 
     def _scores(self, items: list[MatchItem]) -> tuple[list[float], list[float]]:
         model, device = self.model, self.placement.device

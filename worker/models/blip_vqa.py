@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from producer.jobs import VqaJob, VqaOutput
-from worker.models.base import ModelRunner, load_blip_processor, stack_pixels
+from producer.protocol.jobs import VqaJob, VqaOutput
+from worker.models.base import ModelRunner, load_blip_processor, stack_pixels, strip_pad
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +65,7 @@ class VqaRunner(ModelRunner[VqaJob]):
         pad = int(self.model.config.text_config.pad_token_id or 0)
         answers = []
         for item, row in zip(items, out, strict=True):
-            ids = row.tolist()
-            while ids and ids[-1] == pad:
-                ids.pop()
+            ids = strip_pad(row.tolist(), pad)
             text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
             answers.append(Answered(VqaOutput(answer=text, question=item.job.question), ids))
         return answers

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from producer.jobs import CaptionJob, CaptionOutput
+from producer.protocol.jobs import CaptionJob, CaptionOutput
 from worker.models.base import ModelRunner
 from worker.models.resize import resized_uint8
 

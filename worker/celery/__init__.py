@@ -1,0 +1,1 @@
+"""The only worker modules that import celery or kombu; ``worker.celery.app`` is the app."""

@@ -1,0 +1,64 @@
+"""The one delivery policy of single jobs and of the jobs of chunk messages.
+
+A transient failure (the object store unreachable) is tried again after a capped exponential
+backoff, up to ``s3_max_attempts`` tries, then answered ``storage_unavailable``; a job whose
+earlier starts did not finish ``max_deliveries`` times is poison: dead-lettered and answered
+``poison``, never run again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from producer.protocol.errors import Retryable
+from producer.protocol.jobs import ErrorCode, JobResult
+from producer.protocol.keys import DEAD_LETTER
+
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+"""Seconds before try n + 1 of a transiently failing job."""
+
+
+def kind_of(payload: object) -> str:
+    """A job payload's kind, for an error result of a payload that may not be a job."""
+    return str(payload.get("kind", "unknown")) if isinstance(payload, dict) else "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    max_attempts: int
+    """Tries of a transiently failing job (``s3_max_attempts``)."""
+    max_deliveries: int
+    """Unfinished starts after which a job is poison (``max_deliveries``)."""
+    worker: str
+    """The worker's name, in the results this policy writes."""
+
+    def retry_in(self, attempt: int) -> float | None:
+        """Seconds before the next try after try ``attempt`` (0-based) failed transiently, or
+        None when the job has had its tries."""
+        if attempt + 1 >= self.max_attempts:
+            return None
+        return BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+
+    def gave_up(self, job_id: str, payload: object, exc: Retryable, attempts: int) -> JobResult:
+        """The answer of a job whose tries all failed transiently."""
+        return JobResult.failure(
+            job_id,
+            kind_of(payload),
+            ErrorCode.STORAGE_UNAVAILABLE,
+            f"{exc.message} (gave up after {attempts} attempts)",
+            worker=self.worker,
+        )
+
+    def is_poison(self, earlier_starts: int) -> bool:
+        return earlier_starts >= self.max_deliveries
+
+    def poison(self, job_id: str, payload: object, starts: int) -> tuple[JobResult, str]:
+        """The answer of a poison job, and the reason recorded with it on the dead-letter list."""
+        reason = (
+            f"started {starts} times without finishing (it kills or stalls workers); "
+            f"not run again, payload moved to the {DEAD_LETTER} list"
+        )
+        result = JobResult.failure(
+            job_id, kind_of(payload), ErrorCode.POISON, reason, worker=self.worker
+        )
+        return result, reason

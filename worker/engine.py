@@ -1,0 +1,232 @@
+"""The engine: one decoded message in, one JobResult out. No Celery here.
+
+``Engine.start`` loads and warms up the served models, starts the model thread (which owns every
+model and runs the batcher) and builds the object reader and the delivery bookkeeping; every
+dependency can be given instead, so tests run it in-process. Many threads call ``handle`` at
+once; the Celery layer (``worker.celery``) only decodes messages and hands them here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import torch
+
+from producer.protocol.errors import JobFailure, Retryable
+from producer.protocol.jobs import ErrorCode, JobResult, Timings, decode_job
+from worker import images
+from worker.batcher import Batcher, BatchPolicy
+from worker.delivery.policy import DeliveryPolicy
+from worker.delivery.publish import DeliveryGuard, Publisher
+from worker.delivery.quarantine import Quarantine
+from worker.metrics import Metrics
+from worker.models import ModelRunner, Placement
+from worker.models.registry import load_runner
+from worker.oom import BatchSizeLimiter
+from worker.settings import Settings
+from worker.storage import ObjectReader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    output: Any
+    batch_size: int
+    inference_ms: float
+
+
+class Engine:
+    """Turns one decoded message into one JobResult; many threads call ``handle`` at once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        runners: dict[str, ModelRunner[Any]],
+        *,
+        objects: ObjectReader,
+        redis_client: redis.Redis,
+    ) -> None:
+        self.settings = settings
+        self.runners = runners
+        self.objects = objects
+        expires = settings.result_expires_s
+        self.redis = redis_client
+        self.publisher = Publisher(redis_client, maxlen=settings.stream_maxlen, expires_s=expires)
+        self.deliveries = DeliveryGuard(redis_client, expires_s=expires)
+        self.policy = DeliveryPolicy(
+            max_attempts=settings.s3_max_attempts,
+            max_deliveries=settings.max_deliveries,
+            worker=f"{socket.gethostname()}:{os.getpid()}",
+        )
+        self.quarantine = Quarantine()  # suspects (redelivered after a crash) run alone
+        self.limits = objects.limits
+        # Jobs per model between "taken" and "in the batcher" (fetching, decoding, preparing):
+        # when there are none, a waiting group cannot grow, so it runs without max_wait_ms.
+        self._preparing: Counter[str] = Counter()
+        self._preparing_lock = threading.Lock()
+        self.oom = BatchSizeLimiter()
+        self.batcher = Batcher(self._run_batch, self._policy, idle=self._nothing_preparing)
+        self.metrics = Metrics()
+        self.worker_name = self.policy.worker
+
+    @classmethod
+    def start(cls, settings: Settings) -> Engine:
+        configure_process(settings)
+        placement = Placement.from_settings(settings)
+        runners, load_s = {}, {}
+        for spec in settings.served():
+            started = time.perf_counter()
+            runners[spec.name] = load_runner(
+                spec, placement, warmup=settings.warmup, sdpa=settings.sdpa_attention
+            )
+            load_s[spec.name] = time.perf_counter() - started
+        for runner in runners.values():
+            runner.bind(runners, settings)
+        engine = cls(
+            settings,
+            runners,
+            objects=ObjectReader.from_settings(settings),
+            redis_client=redis.Redis.from_url(settings.redis_url),
+        )
+        for name, seconds in load_s.items():
+            engine.metrics.model_load.labels(name).set(seconds)
+        if settings.metrics_port:
+            engine.metrics.serve(settings.metrics_port, settings.metrics_addr)
+        engine.batcher.start()
+        return engine
+
+    def stop(self) -> None:
+        self.batcher.stop(timeout=30)
+
+    # --- one job ---------------------------------------------------------------------------------
+
+    def handle(self, job_id: str, payload: object, submitted_at: float | None) -> JobResult:
+        """Run one job to a result. Raises only Retryable (the task layer retries it)."""
+        started = time.perf_counter()
+        queue_wait_ms = max(0.0, (time.time() - submitted_at) * 1000) if submitted_at else 0.0
+        kind = payload.get("kind", "unknown") if isinstance(payload, dict) else "unknown"
+        model = payload.get("model") if isinstance(payload, dict) else None
+        extra: dict[str, Any] = {"model": model, "worker": self.worker_name}
+        try:
+            result = self._run(job_id, payload, started, submitted_at)
+        except Retryable:
+            raise
+        except JobFailure as exc:
+            result = JobResult.failure(job_id, str(kind), ErrorCode(exc.code), exc.message, **extra)
+        except Exception as exc:
+            log.exception("job %s failed in the model", job_id)
+            result = JobResult.failure(
+                job_id, str(kind), ErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}", **extra
+            )
+        if not result.ok:
+            total_ms = (time.perf_counter() - started) * 1000
+            timings = Timings(queue_wait_ms=queue_wait_ms, total_ms=total_ms + queue_wait_ms)
+            result = result.model_copy(update={"timings": timings})
+        self.metrics.observe(result)
+        return result
+
+    def _run(
+        self, job_id: str, payload: object, started: float, submitted_at: float | None
+    ) -> JobResult:
+        job = decode_job(payload)
+        if job.expired(time.time(), submitted_at):
+            raise JobFailure(
+                "the job's deadline passed before it could run", code=ErrorCode.EXPIRED
+            )
+        runner = self.runners.get(job.model)
+        if runner is None or job.kind not in runner.kinds:
+            raise JobFailure(
+                f"model {job.model!r} is not served here for {job.kind} jobs; "
+                f"served: {sorted(self.runners)}",
+                code=ErrorCode.UNKNOWN_MODEL,
+            )
+        queue_wait_ms = max(0.0, (time.time() - submitted_at) * 1000) if submitted_at else 0.0
+        with self._preparing_lock:
+            self._preparing[runner.name] += 1
+        try:
+            data = self.objects.read(job.image_ref)
+            image = images.decode(data, self.limits, self._draft_side(runner))
+            item = runner.prepare(job, image)
+            fetched = time.perf_counter()
+            future = self.batcher.submit((runner.name, runner.group_key(item)), item)
+        finally:
+            with self._preparing_lock:
+                self._preparing[runner.name] -= 1
+            self.batcher.wake()
+        try:
+            done: _Done = future.result(timeout=self.settings.task_time_limit_s)
+        except FuturesTimeout as exc:
+            future.cancel()
+            raise JobFailure(
+                f"no model output within {self.settings.task_time_limit_s}s", code=ErrorCode.TIMEOUT
+            ) from exc
+        total_ms = (time.perf_counter() - started) * 1000
+        return JobResult(
+            job_id=job_id,
+            kind=job.kind,
+            status="ok",
+            output=done.output.output,
+            model=runner.name,
+            timings=Timings(
+                queue_wait_ms=queue_wait_ms,
+                fetch_ms=(fetched - started) * 1000,
+                inference_ms=done.inference_ms,
+                total_ms=total_ms + queue_wait_ms,
+            ),
+            batch_size=done.batch_size,
+            worker=self.worker_name,
+        )
+
+    def _draft_side(self, runner: ModelRunner[Any]) -> int | None:
+        side = runner.input_side()
+        if not side or not self.settings.jpeg_draft:
+            return None
+        return images.draft_side(side)
+
+    # --- the model thread ------------------------------------------------------------------------
+
+    def _nothing_preparing(self, key: Hashable) -> bool:
+        return self._preparing[key[0]] <= 0  # type: ignore[index]
+
+    def _policy(self, key: Hashable) -> BatchPolicy:
+        spec = self.runners[key[0]].spec  # type: ignore[index]
+        size = spec.max_batch_size or self.settings.max_batch_size
+        wait_ms = spec.max_wait_ms if spec.max_wait_ms is not None else self.settings.max_wait_ms
+        return BatchPolicy(
+            max_size=self.oom.limit(spec.name, size),
+            max_wait_s=wait_ms / 1000,
+            arriving_wait_fraction=self.settings.arriving_wait_fraction,
+        )
+
+    def _run_batch(self, key: Hashable, items: list[Any]) -> Sequence[_Done]:
+        runner = self.runners[key[0]]  # type: ignore[index]
+        started = time.perf_counter()
+        outputs = self.oom.run(runner.name, items, runner.run_batch)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self.metrics.observe_batch(runner.name, len(items))
+        if runner.placement.device.type == "cuda":
+            self.metrics.update_gpu()
+        return [_Done(output, len(items), elapsed_ms) for output in outputs]
+
+
+def configure_process(settings: Settings) -> None:
+    """Process-wide knobs: torch's thread count and how often Python hands the GIL over."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    # One process runs the Celery consumer loop, dozens of fetch/decode threads and the model
+    # thread. A thread back from I/O waits for the GIL up to the switch interval while another
+    # runs Python: at Python's 5 ms that convoy keeps the consumer loop (which reads every
+    # message) waiting; 0.5 ms gave +15 % null-model images/s (benchmarks/throughput.py).
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
