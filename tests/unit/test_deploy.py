@@ -454,9 +454,7 @@ def _deploy_texts() -> Iterator[tuple[Path, str]]:
 
 
 def _operations_section() -> str:
-    text = README.read_text()
-    start = text.index("\n## Operations\n")
-    return text[start : text.index("\n## ", start + 1)]
+    return (REPO / "docs" / "operations.md").read_text()
 
 
 def test_every_blipq_variable_named_in_deploy_is_a_setting() -> None:

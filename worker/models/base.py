@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -143,11 +144,15 @@ _FastPlan = tuple[
 ]
 
 
+_fast_plans: dict[int, tuple[weakref.ref[Any], _FastPlan | None]] = {}
+"""Per image processor (by identity, checked through a weak reference), its fast plan."""
+
+
 def _fast_plan(processor: Any) -> _FastPlan | None:
     """What the processor would do, if it is only resize + rescale + normalize; else None."""
-    if hasattr(processor, "_blipq_fast_plan"):
-        cached: _FastPlan | None = processor._blipq_fast_plan
-        return cached
+    known = _fast_plans.get(id(processor))
+    if known is not None and known[0]() is processor:
+        return known[1]
     plan: _FastPlan | None = None
     size = getattr(processor, "size", None)
     extra = ("do_center_crop", "do_pad", "do_reduce_labels", "do_flip_channel_order")
@@ -166,7 +171,7 @@ def _fast_plan(processor: Any) -> _FastPlan | None:
             std = torch.tensor(processor.image_std, dtype=torch.float32).view(3, 1, 1)
         resample = Image.Resampling(int(processor.resample))
         plan = ((int(size["width"]), int(size["height"])), resample, scale, mean, std)
-    processor._blipq_fast_plan = plan
+    _fast_plans[id(processor)] = (weakref.ref(processor), plan)
     return plan
 
 
