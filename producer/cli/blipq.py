@@ -99,9 +99,14 @@ def cmd_queues(args: argparse.Namespace) -> int:
     with _client(args) as client:
         depths = client.queue_depths()
         active = client.worker_activity(timeout=args.timeout)
-    print(f"{'queue':<20} {'waiting':>8}")
+        consumers = client.queue_consumers(timeout=args.timeout)
+    # One queue per model; a queue no live worker consumes holds jobs that wait for one.
+    width = max([24, *(len(queue) + 1 for queue in depths)])
+    print(f"{'queue':<{width}} {'waiting':>8} {'workers':>8}")
     for queue, depth in depths.items():
-        print(f"{queue:<20} {depth:>8}")
+        served = consumers.get(queue, 0)
+        note = "" if served else "  (no live worker serves this model)"
+        print(f"{queue:<{width}} {depth:>8} {served:>8}{note}")
     if not active:
         print("\nno worker answered")
     for worker, (reserved, running) in sorted(active.items()):

@@ -2,7 +2,8 @@
 
 ``Client``, ``AsyncClient`` and bulk runs all send through a Sender: one Redis round trip for the
 ledger entries of a batch of jobs, then the messages (a job alone, or chunk messages of several
-jobs of one queue), by task name, JSON only, the task id being the job id.
+jobs of one model and kind) to the queue of the jobs' model, by task name, JSON only, the task
+id being the job id.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ class Sender:
             [(job_id, kwargs, now + i * 1e-6) for i, (_, job_id, kwargs) in enumerate(messages)],
         )
         pipe.execute()
-        for group in group_messages(messages, lambda message: message[0].kind, size):
+        # A message's jobs share a model (its queue) and a kind.
+        for group in group_messages(messages, lambda m: f"{m[0].model}\n{m[0].kind}", size):
             first = group[0][0]
-            queue = queue_for(first.kind)
+            queue = queue_for(first.model)
             if len(group) == 1:
                 _, job_id, kwargs = group[0]
                 self.app.send_task(

@@ -14,8 +14,16 @@ from producer.client.sender import Sender
 from producer.client.stream import StreamEvent, follow
 from producer.client.waiting import ResultWaiter
 from producer.protocol.errors import ResultTimeout
-from producer.protocol.jobs import JOB_KINDS, AnyJob, JobResult
-from producer.protocol.keys import KOMBU_PRIORITY_SEP, KOMBU_PRIORITY_STEPS, queue_for
+from producer.protocol.jobs import AnyJob, JobResult
+from producer.protocol.keys import (
+    KOMBU_BINDING_PREFIX,
+    KOMBU_PRIORITY_SEP,
+    KOMBU_PRIORITY_STEPS,
+    QUEUE_PREFIX,
+    model_of_queue,
+    queue_for,
+    text,
+)
 from producer.protocol.settings import ClientSettings
 
 # How many result keys one results() call subscribes to at a time.
@@ -143,15 +151,14 @@ class Client:
         )
 
     def queue_depths(self) -> dict[str, int]:
-        """Messages waiting in each blipq queue (Redis broker; priority sub-queues summed)."""
+        """Messages waiting in each model's queue (Redis broker; priority sub-queues summed).
+
+        Every queue a worker or producer has declared is listed (0 when empty), and every queue
+        holding messages, so jobs for a model that no live worker serves wait visibly.
+        """
         broker = redis.Redis.from_url(self.settings.effective_broker_url)
         try:
-            depths = {}
-            for kind in JOB_KINDS:
-                queue = queue_for(kind)
-                names = [queue, *(f"{queue}{KOMBU_PRIORITY_SEP}{n}" for n in KOMBU_PRIORITY_STEPS)]
-                depths[queue] = sum(int(broker.llen(name)) for name in names)
-            return depths
+            return queue_depths(broker)
         finally:
             broker.close()
 
@@ -165,6 +172,16 @@ class Client:
             for name in set(reserved) | set(active)
         }
 
+    def queue_consumers(self, timeout: float = 1.0) -> dict[str, int]:
+        """Per queue: how many live workers consume it (Celery's remote control)."""
+        answers = self.sender.app.control.inspect(timeout=timeout).active_queues() or {}
+        counts: dict[str, int] = {}
+        for queues in answers.values():
+            for queue in queues or []:
+                name = str(queue.get("name", "")) if isinstance(queue, dict) else ""
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def close(self) -> None:
         with self._waiters_lock:
             idle, self._idle_waiters = self._idle_waiters, []
@@ -177,3 +194,27 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def queue_depths(broker: redis.Redis) -> dict[str, int]:
+    """Messages waiting in each blipq queue, by queue name, sorted: the queues declared on the
+    broker (kombu's bindings; a worker declares those of the models it serves) and those that
+    hold messages (a queue no worker serves too)."""
+    models: set[str] = set()
+    for key in broker.scan_iter(match=f"{QUEUE_PREFIX}*", count=1000):
+        model = model_of_queue(text(key))
+        if model is not None:
+            models.add(model)
+    for key in broker.scan_iter(match=f"{KOMBU_BINDING_PREFIX}{QUEUE_PREFIX}*", count=1000):
+        model = model_of_queue(text(key)[len(KOMBU_BINDING_PREFIX) :])
+        if model is not None:
+            models.add(model)
+    depths = {}
+    for model in sorted(models):
+        queue = queue_for(model)
+        names = [queue, *(f"{queue}{KOMBU_PRIORITY_SEP}{n}" for n in KOMBU_PRIORITY_STEPS)]
+        pipe = broker.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(name)
+        depths[queue] = sum(int(n) for n in pipe.execute())
+    return depths

@@ -1,4 +1,4 @@
-"""Chunk messages: several jobs of one kind in one broker message (bulk runs).
+"""Chunk messages: several jobs of one model and kind in one broker message (bulk runs).
 
 With a fast model, the broker and Celery's work per message (taking it, the task request, task
 events, the acknowledgement) is a visible share of the CPU each image costs. A chunk message
@@ -34,12 +34,14 @@ MAX_JOB_ID_CHARS = 200
 
 
 def group_messages(
-    items: Sequence[T], kind_of: Callable[[T], str], per_message: int
+    items: Sequence[T], group_of: Callable[[T], str], per_message: int
 ) -> list[list[T]]:
-    """Items grouped into messages of at most ``per_message``, each of one kind (one queue).
+    """Items grouped into messages of at most ``per_message``, each of one group (``group_of``:
+    the Sender groups by model, which names the queue, and kind).
 
-    Items of one kind keep their order; a message is emitted when it is full, the rest at the end
-    in the order their kinds first appeared. With ``per_message`` 1, one message per item, in order.
+    Items of one group keep their order; a message is emitted when it is full, the rest at the
+    end in the order their groups first appeared. With ``per_message`` 1, one message per item,
+    in order.
     """
     if per_message < 1:
         raise ValueError("per_message must be at least 1")
@@ -48,11 +50,11 @@ def group_messages(
     messages: list[list[T]] = []
     open_: dict[str, list[T]] = {}
     for item in items:
-        group = open_.setdefault(kind_of(item), [])
+        group = open_.setdefault(group_of(item), [])
         group.append(item)
         if len(group) >= per_message:
             messages.append(group)
-            del open_[kind_of(item)]
+            del open_[group_of(item)]
     messages.extend(open_.values())
     return messages
 

@@ -96,6 +96,10 @@ def parse_image_uri(uri: str) -> ImageRef:
     key = unquote(parts.path.lstrip("/"))
     if not key or key.endswith("/"):
         raise ValueError(f"image URI {uri!r:.80} has no object key")
+    if any(segment in (".", "..") for segment in key.split("/")):
+        # An S3 store takes such a key literally, but a path-style endpoint or a proxy in front
+        # of it may resolve it to another object (s3://allowed/../other/secret.jpg): refused.
+        raise ValueError(f"image URI {uri!r:.80} has a '.' or '..' path segment in its key")
     query = parse_qs(parts.query, strict_parsing=False) if parts.query else {}
     unknown = set(query) - {"versionId"}
     if unknown or parts.fragment:
@@ -214,6 +218,25 @@ Job = Annotated[AnyJob, Field(discriminator="kind")]
 JOB_KINDS: tuple[str, ...] = ("caption", "vqa", "match", "moderate")
 
 _JOB_ADAPTER: TypeAdapter[AnyJob] = TypeAdapter(Job)
+
+
+_JOB_CLASSES: dict[str, type[AnyJob]] = {
+    "caption": CaptionJob,
+    "vqa": VqaJob,
+    "match": MatchJob,
+    "moderate": ModerationJob,
+}
+
+
+def model_of(payload: object) -> str:
+    """The model a job payload names (its kind's default when it names none; the caption
+    default when even its kind is unknown): what routes it to a queue, even when invalid."""
+    fields = payload if isinstance(payload, dict) else {}
+    model = fields.get("model")
+    if isinstance(model, str) and model.strip():
+        return model.strip()
+    cls = _JOB_CLASSES.get(str(fields.get("kind", "caption")), CaptionJob)
+    return str(cls.model_fields["model"].default)
 
 
 def encode_job(job: AnyJob) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 QUEUE_PREFIX = "blipq."
-"""Every job kind has its own queue, ``blipq.<kind>`` (e.g. ``blipq.caption``)."""
+"""Every model has its own queue, ``blipq.<model>`` (e.g. ``blipq.caption-base``): a job waits
+in the queue of the model it names, whatever its kind, so only a worker serving that model takes
+it (a BLIP-2 model's caption and VQA jobs share its one queue)."""
 
 TASK_RUN_JOB = "blipq.run_job"
 """The Celery task name of one job; the task id is the job id."""
@@ -73,15 +75,27 @@ A kombu internal, read to count queue depths; named here alone."""
 KOMBU_PRIORITY_STEPS = (3, 6, 9)
 """The priority sub-queues kombu's Redis transport keeps beside each queue."""
 
+KOMBU_BINDING_PREFIX = "_kombu.binding."
+"""kombu's Redis transport: a set per exchange naming the queues bound to it (an exchange is
+named as its queue here), written when a worker or producer declares a queue. A kombu internal,
+read to list the declared queues; named here alone."""
+
 
 def text(value: bytes | str) -> str:
     """A Redis reply (a key, a member, an id) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def queue_for(kind: str) -> str:
-    """The queue of a job kind."""
-    return f"{QUEUE_PREFIX}{kind}"
+def queue_for(model: str) -> str:
+    """The queue of a model: where every job naming it waits."""
+    return f"{QUEUE_PREFIX}{model}"
+
+
+def model_of_queue(queue: str) -> str | None:
+    """The model a queue (or one of its priority sub-queues) belongs to; None if not blipq's."""
+    if not queue.startswith(QUEUE_PREFIX):
+        return None
+    return queue[len(QUEUE_PREFIX) :].split(KOMBU_PRIORITY_SEP, 1)[0] or None
 
 
 # --- bulk runs (producer/bulk/) ----------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from kombu import Connection, Exchange, Queue
 from PIL import Image
 
-from producer import CaptionJob, Client, JobResult, ModerationJob
+from producer import CaptionJob, Client, JobResult, ModerationJob, VqaJob
 from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from producer.protocol.keys import TASK_RUN_JOB
 from tests.e2e.conftest import REPO, worker_env
@@ -93,10 +93,12 @@ RAW_ERRORS: dict[str, object] = {
     "missing-field": {"kind": "caption", "model": "tiny-caption"},
     "not-a-dict": ["s3://bad-input/good.jpg"],
     "unknown-kind": {**GOOD, "kind": "paint"},
+    "dot-dot-key": {**GOOD, "image": "s3://bad-input/../other/secret.jpg"},
+    "quoted-dot-dot-key": {**GOOD, "image": "s3://bad-input/a/%2E%2E/secret.jpg"},
 }
 
 
-def _send_raw(client: Client, payload: object, queue: str = "blipq.caption") -> str:
+def _send_raw(client: Client, payload: object, queue: str = "blipq.tiny-caption") -> str:
     job_id = str(uuid.uuid4())
     client.sender.app.send_task(  # the producer's validation is bypassed on purpose
         TASK_RUN_JOB,
@@ -111,7 +113,9 @@ def _send_raw(client: Client, payload: object, queue: str = "blipq.caption") -> 
 def _publish_refused(redis_url: str) -> dict[str, str]:
     """A pickled message (whose unpickling would create a file) and a non-JSON one."""
     ids = {"pickle": str(uuid.uuid4()), "not-json": str(uuid.uuid4())}
-    queue = Queue("blipq.caption", Exchange("blipq.caption"), routing_key="blipq.caption")
+    queue = Queue(
+        "blipq.tiny-caption", Exchange("blipq.tiny-caption"), routing_key="blipq.tiny-caption"
+    )
 
     class Exploit:
         def __reduce__(self):  # type: ignore[no-untyped-def]
@@ -119,7 +123,7 @@ def _publish_refused(redis_url: str) -> dict[str, str]:
 
     with Connection(redis_url) as conn:
         producer = conn.Producer()
-        common = {"exchange": queue.exchange, "routing_key": "blipq.caption", "declare": [queue]}
+        common = {"exchange": queue.exchange, "routing_key": queue.name, "declare": [queue]}
         producer.publish(
             pickle.dumps(((), {"job": Exploit()}, {})),
             serializer=None,
@@ -155,7 +159,7 @@ def test_each_bad_input_fails_alone_with_its_code(
     jobs += [CaptionJob(image=uri, model="tiny-caption") for uri in IMAGE_ERRORS]
     jobs += [
         CaptionJob(image=f"s3://{BUCKET}/good.jpg", model="tiny-caption", prompt=""),
-        CaptionJob(image=f"s3://{BUCKET}/good.jpg", model="no-such-model"),
+        VqaJob(image=f"s3://{BUCKET}/good.jpg", model="tiny-caption", question="what?"),
     ]
     ids = client.submit_many(jobs)
     for job_id in ids[: len(OK_OBJECTS)]:
@@ -169,7 +173,7 @@ def test_each_bad_input_fails_alone_with_its_code(
     )
     expected[policy] = "invalid_job"
     for name, payload in RAW_ERRORS.items():
-        queue = "blipq.vqa" if name == "long-question" else "blipq.caption"
+        queue = "blipq.tiny-vqa" if name == "long-question" else "blipq.tiny-caption"
         expected[_send_raw(client, payload, queue)] = "invalid_job"
     for job_id in _publish_refused(client.settings.redis_url).values():
         expected[job_id] = "invalid_job"

@@ -24,8 +24,8 @@ from tests.fixtures.tiny_blip2 import NUM_QUERY_TOKENS, OPT_MAX_POSITIONS, build
 
 MODEL = "tiny-blip2-opt"
 BUCKET = "blip2"
-# A Redis database of its own on the shared server: the session's other workers consume the same
-# queue names (blipq.caption, blipq.vqa) and would answer these jobs with unknown_model.
+# A Redis database of its own on the shared server: its ledger, results stream and queues hold
+# this module's jobs alone.
 DB = 11
 PROMPTS = ["a photography of", "a red", "a cat", "there is"]
 QUESTIONS = ["what?", "how many shapes are there?", "what colour?"]

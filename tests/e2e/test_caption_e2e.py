@@ -163,7 +163,7 @@ def test_submit_many_is_one_round_trip_per_chunk(monkeypatch) -> None:  # type: 
         with Client(settings=settings) as own:
             jobs = [CaptionJob(image=f"s3://bkt/{i}.jpg", model="spy") for i in range(250)]
             ids = own.submit_many(jobs)
-        assert redis.Redis.from_url(server.url).llen("blipq.caption") == 250
+        assert redis.Redis.from_url(server.url).llen("blipq.spy") == 250
     finally:
         server.close()
     assert len(set(ids)) == 250

@@ -65,7 +65,7 @@ def _mixed_jobs() -> list[AnyJob]:
     jobs[3:3] = [
         CaptionJob(image=f"s3://{BUCKET}/missing.jpg", model="tiny-caption"),  # not_found
         CaptionJob(image=f"s3://{BUCKET}/text.jpg", model="tiny-caption"),  # invalid_image
-        CaptionJob(image=f"s3://{BUCKET}/0.jpg", model="no-such-model"),  # unknown_model
+        VqaJob(image=f"s3://{BUCKET}/0.jpg", model="tiny-caption", question="what?"),  # no VQA
         CaptionJob(image=f"s3://{BUCKET}/1.jpg", model="tiny-caption", deadline=past),  # expired
     ]
     return jobs
@@ -137,8 +137,8 @@ def _send_chunk(client: Client, chunk_id: str, jobs: list[tuple[str, object]]) -
         TASK_RUN_CHUNK,
         kwargs=encode_chunk(jobs, time.time()),
         task_id=chunk_id,
-        queue="blipq.caption",
-        routing_key="blipq.caption",
+        queue="blipq.tiny-caption",
+        routing_key="blipq.tiny-caption",
         headers={CHUNK_JOBS_HEADER: [job_id for job_id, _ in jobs]},
         ignore_result=True,
     )
@@ -213,7 +213,9 @@ def test_a_pickled_chunk_is_refused_and_each_of_its_jobs_answered(
     caption_worker: WorkerProcess, client: Client, redis_client: redis.Redis
 ) -> None:
     chunk_id, ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(3)]
-    queue = Queue("blipq.caption", Exchange("blipq.caption"), routing_key="blipq.caption")
+    queue = Queue(
+        "blipq.tiny-caption", Exchange("blipq.tiny-caption"), routing_key="blipq.tiny-caption"
+    )
     body = pickle.dumps(((), {"jobs": [{"job_id": i, "job": {}} for i in ids]}, {}))
     with Connection(client.settings.redis_url) as conn:
         conn.Producer().publish(
@@ -223,7 +225,7 @@ def test_a_pickled_chunk_is_refused_and_each_of_its_jobs_answered(
             content_encoding="binary",
             headers={"task": TASK_RUN_CHUNK, "id": chunk_id, "lang": "py", CHUNK_JOBS_HEADER: ids},
             exchange=queue.exchange,
-            routing_key="blipq.caption",
+            routing_key="blipq.tiny-caption",
             declare=[queue],
         )
     results = {r.job_id: r for r in client.results(ids, timeout=60)}

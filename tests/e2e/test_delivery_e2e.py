@@ -52,7 +52,7 @@ def test_a_job_is_announced_once_even_if_it_finishes_twice(
 
     deadline = time.monotonic() + 30
     while redis_client.exists(DELIVERIES_KEY.format(job_id=job_id)) or redis_client.llen(
-        "blipq.caption"
+        "blipq.tiny-caption"
     ):
         assert time.monotonic() < deadline
         time.sleep(0.05)

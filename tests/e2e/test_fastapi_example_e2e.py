@@ -88,7 +88,7 @@ def images(s3) -> list[str]:  # type: ignore[no-untyped-def]
 def test_post_then_get_result(server: str, images: list[str]) -> None:
     with httpx.Client(base_url=server, timeout=60) as http:
         health = http.get("/health").json()
-        assert health["redis"] is True and "blipq.caption" in health["queues"]
+        assert health["redis"] is True and "blipq.tiny-caption" in health["queues"]
 
         job = {"kind": "caption", "image": images[0], "model": "tiny-caption", "max_new_tokens": 8}
         posted = http.post("/jobs", json=job)
@@ -181,6 +181,6 @@ def test_pending_job_is_202_until_a_worker_runs_it() -> None:
             assert pending.status_code == 202
             assert pending.json() == {"job_id": job_id, "status": "pending"}
             assert time.monotonic() - started >= 0.5  # it long-polled first
-            assert http.get("/health").json()["queues"]["blipq.caption"] == 1
+            assert http.get("/health").json()["queues"]["blipq.tiny-caption"] == 1
     finally:
         own.close()

@@ -157,7 +157,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_and_the_queue_flows(
 def _explain(store: redis.Redis, job_ids: list[str], supervisor: Supervisor) -> str:
     """Where each job without a result is: start counter, ledger, held, queued, worker logs."""
     held = " ".join(raw.decode(errors="replace") for raw in store.hvals("unacked"))
-    queued = " ".join(raw.decode(errors="replace") for raw in store.lrange("blipq.caption", 0, -1))
+    queued = " ".join(raw.decode(errors="replace") for raw in store.lrange("blipq.drill", 0, -1))
     logs = "\n".join([*supervisor.logs, supervisor.worker.log()])
     lines = []
     for job_id in job_ids:

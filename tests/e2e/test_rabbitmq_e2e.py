@@ -44,12 +44,9 @@ def test_caption_jobs_through_rabbitmq(
     tiny_caption_dir: Path,
 ) -> None:
     redis_server = EmbeddedRedis().start()
-    with Connection(amqp_url) as conn:  # a clean queue: nothing left from an earlier run
-        if _exists(conn):
-            conn.default_channel.queue_purge("blipq.caption")
     s3.create_bucket(Bucket="rabbit")
     s3.put_object(Bucket="rabbit", Key="a.jpg", Body=sample_jpegs(1, seed=81)[0])
-    name = f"rabbit-{uuid.uuid4().hex[:6]}"
+    name = f"rabbit-{uuid.uuid4().hex[:6]}"  # its own queue: nothing left from an earlier run
     env = worker_env(redis_server, s3_server, {name: str(tiny_caption_dir)})
     env["BLIPQ_BROKER_URL"] = amqp_url
     worker = WorkerProcess(env, cwd=REPO).start()
@@ -67,11 +64,5 @@ def test_caption_jobs_through_rabbitmq(
     finally:
         assert worker.stop() == 0, worker.log()[-3000:]
         redis_server.close()
-
-
-def _exists(conn: Connection) -> bool:
-    try:
-        conn.default_channel.queue_declare("blipq.caption", passive=True)
-    except Exception:
-        return False
-    return True
+        with Connection(amqp_url) as conn:  # the model's queue, left on the shared broker
+            conn.default_channel.queue_delete(f"blipq.{name}")

@@ -15,7 +15,7 @@ from producer.cli.embedded import EmbeddedRedis
 from producer.protocol.keys import CHUNK_JOBS_HEADER, DELIVERIES_KEY, LEDGER
 from worker.delivery.reaper import Reaper, Resend
 
-QUEUE = "blipq.caption"
+QUEUE = "blipq.caption-base"  # the queue of CaptionJob's default model
 
 
 @pytest.fixture
@@ -83,6 +83,22 @@ def test_reaper_reads_the_jobs_of_chunk_messages(server: EmbeddedRedis) -> None:
     assert [kwargs["job"]["image"] for _, kwargs in sorted(resent)] == [
         f"s3://bkt/{i}.jpg" for i in sorted(range(3, 6), key=lambda i: ids[i])
     ]
+
+
+def test_a_backlog_in_another_queue_does_not_hold_back_a_lost_job(server: EmbeddedRedis) -> None:
+    """Each job is judged against its own queue: an older message waiting in the queue of a model
+    no worker serves says nothing about a job lost from the caption-base queue."""
+    r = redis.Redis.from_url(server.url)
+    with Client(redis_url=server.url) as client:
+        waiting = client.submit(CaptionJob(image="s3://bkt/old.jpg", model="unserved"))
+        ids = client.submit_many([CaptionJob(image=f"s3://bkt/{i}.jpg") for i in range(2)])
+    assert r.llen("blipq.unserved") == 1
+    resent: list[str] = []
+    reaper = old_jobs_reaper(r, lambda job_id, _: resent.append(job_id))
+    r.rpop(QUEUE)  # ids[0] taken by a consumer that died before recording it: lost
+    assert reaper.reap_once() == [ids[0]]  # judged against ids[1], still in its own queue
+    assert resent == [ids[0]]
+    assert waiting not in resent  # still waiting in its queue: not lost
 
 
 def test_a_job_with_an_unfinished_earlier_start_is_resent_when_lost(server: EmbeddedRedis) -> None:

@@ -25,8 +25,8 @@ COUNT = 60
 
 pytestmark = pytest.mark.slow
 
-# A Redis database of its own on the shared server: the session's other workers consume the same
-# queue names (blipq.caption, blipq.vqa, blipq.match) and would answer with unknown_model.
+# A Redis database of its own on the shared server: its ledger, results stream and queues hold
+# this module's jobs alone.
 DB = 12
 
 

@@ -218,7 +218,7 @@ def test_caption_job_end_to_end_over_tls_with_a_password(
         # The worker's own Redis client published one event per job on the results stream.
         events = list(client.stream(group="tls", consumer="t", from_start=True, idle_stop=True))
         assert sorted(e.result.job_id for e in events) == sorted([first.job_id, *ids])
-        assert client.queue_depths()["blipq.caption"] == 0  # the broker URL, over TLS
+        assert client.queue_depths()["blipq.tiny-caption"] == 0  # the broker URL, over TLS
 
     async def wait_async() -> None:
         async with AsyncClient(redis_url=tls_redis.url) as aclient:

@@ -244,7 +244,7 @@ def test_every_job_of_a_chunk_gets_its_own_result_and_event(parts: Any) -> None:
     runner, engine, backend, sent = parts
     jobs = _chunk("a.jpg", "b.jpg", "c.jpg")
     jobs.insert(1, {"job_id": "bad", "job": {"kind": "caption", "image": "http://x"}})
-    assert runner.run("chunk-1", jobs, 100.0, "blipq.caption") == 4
+    assert runner.run("chunk-1", jobs, 100.0, "blipq.caption-base") == 4
     assert set(backend.stored) == {"job-0", "bad", "job-1", "job-2"}
     assert all(m["status"] == states.SUCCESS for m in backend.stored.values())
     assert backend.stored["job-1"]["result"]["output"]["caption"] == "s3://b-1/b.jpg"
@@ -269,13 +269,13 @@ def test_a_redelivered_chunk_answers_stored_jobs_and_sends_the_rest_alone(parts:
     engine.redis.keys[LEDGER] = {"job-1": 100.0, "job-2": 100.0}  # job-0 was cleared
     before = time.time()
 
-    assert runner.run("chunk-2", jobs, 100.0, "blipq.caption") == 1
+    assert runner.run("chunk-2", jobs, 100.0, "blipq.caption-base") == 1
     assert engine.handled == []  # nothing runs again in the chunk
     assert engine.publisher.events == ["job-0"]  # no second event
     assert engine.deliveries.completed_ids == ["job-0"]
     assert [(s["name"], s["task_id"], s["queue"]) for s in sent] == [
-        (TASK_RUN_JOB, "job-1", "blipq.caption"),
-        (TASK_RUN_JOB, "job-2", "blipq.caption"),
+        (TASK_RUN_JOB, "job-1", "blipq.caption-base"),
+        (TASK_RUN_JOB, "job-2", "blipq.caption-base"),
     ]
     assert sent[0]["kwargs"] == {"job": jobs[1]["job"], "submitted_at": 100.0}
     assert engine.deliveries.starts == {"job-1": 1}  # run_job counts it; the split did not
@@ -289,7 +289,7 @@ def test_a_redelivered_chunk_answers_stored_jobs_and_sends_the_rest_alone(parts:
 def test_a_job_started_before_is_sent_alone_for_run_job_to_judge(parts: Any) -> None:
     runner, engine, backend, sent = parts
     engine.deliveries.starts["job-1"] = 2
-    assert runner.run("chunk-3", _chunk("a.jpg", "b.jpg"), 100.0, "blipq.caption") == 1
+    assert runner.run("chunk-3", _chunk("a.jpg", "b.jpg"), 100.0, "blipq.caption-base") == 1
     assert set(backend.stored) == {"job-0"}
     assert [s["task_id"] for s in sent] == ["job-1"]
     assert engine.deliveries.starts == {"job-1": 2}  # not counted here
@@ -298,7 +298,7 @@ def test_a_job_started_before_is_sent_alone_for_run_job_to_judge(parts: Any) -> 
 
 def test_a_transient_failure_is_retried_as_a_message_of_its_own(parts: Any) -> None:
     runner, engine, backend, sent = parts
-    assert runner.run("chunk-4", _chunk("a.jpg", "flaky.jpg"), 100.0, "blipq.caption") == 1
+    assert runner.run("chunk-4", _chunk("a.jpg", "flaky.jpg"), 100.0, "blipq.caption-base") == 1
     assert set(backend.stored) == {"job-0"}
     assert [(s["task_id"], s["retries"], s["countdown"]) for s in sent] == [("job-1", 1, 1.0)]
     assert engine.deliveries.finished_ids == ["job-1"]
@@ -307,7 +307,7 @@ def test_a_transient_failure_is_retried_as_a_message_of_its_own(parts: Any) -> N
 def test_a_transient_failure_with_no_retries_left_is_a_result(parts: Any) -> None:
     runner, engine, backend, sent = parts
     engine.policy = DeliveryPolicy(max_attempts=1, max_deliveries=3, worker="test:1")
-    runner.run("chunk-5", _chunk("flaky.jpg"), 100.0, "blipq.caption")
+    runner.run("chunk-5", _chunk("flaky.jpg"), 100.0, "blipq.caption-base")
     result = backend.stored["job-0"]["result"]
     assert result["error"]["code"] == ErrorCode.STORAGE_UNAVAILABLE.value and sent == []
 
@@ -315,7 +315,7 @@ def test_a_transient_failure_with_no_retries_left_is_a_result(parts: Any) -> Non
 def test_a_job_without_a_result_puts_the_chunk_back(parts: Any) -> None:
     runner, _engine, backend, _sent = parts
     with pytest.raises(Reject) as info:
-        runner.run("chunk-6", _chunk("a.jpg", "broken.jpg"), 100.0, "blipq.caption")
+        runner.run("chunk-6", _chunk("a.jpg", "broken.jpg"), 100.0, "blipq.caption-base")
     assert info.value.requeue
     assert set(backend.stored) == {"job-0"}  # the others were answered before the reject
 
@@ -324,7 +324,7 @@ def test_a_refused_chunk_answers_each_job_with_invalid_job(parts: Any) -> None:
     runner, engine, backend, _sent = parts
     jobs = [{"job_id": f"j{i}", "job": {}} for i in range(MAX_JOBS_PER_MESSAGE + 1)]
     jobs.append({"no": "id"})
-    runner.run("chunk-7", jobs, None, "blipq.caption")
+    runner.run("chunk-7", jobs, None, "blipq.caption-base")
     assert len(backend.stored) == MAX_JOBS_PER_MESSAGE + 1
     assert {m["result"]["error"]["code"] for m in backend.stored.values()} == {"invalid_job"}
     assert engine.handled == []

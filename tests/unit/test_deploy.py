@@ -36,10 +36,8 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from producer.protocol.celeryconf import make_app
-from producer.protocol.jobs import JOB_KINDS
 from producer.protocol.keys import queue_for
 from producer.protocol.settings import ClientSettings
-from worker.models.registry import served_kinds
 from worker.settings import DEFAULT_MODELS, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +51,7 @@ K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 
 YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
 SETTINGS_VARS = {f"BLIPQ_{name.upper()}" for name in Settings.model_fields}
-QUEUES = {queue_for(kind) for kind in JOB_KINDS}
+QUEUES = {queue_for(model) for model in DEFAULT_MODELS}
 
 
 def _rel(path: Path) -> str:
@@ -293,7 +291,7 @@ def test_keda_objects_match_the_schema() -> None:
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda so: so["spec"]["triggers"][0]["metadata"].update(listname="blipq.caption"),
+        lambda so: so["spec"]["triggers"][0]["metadata"].update(listname="blipq.caption-base"),
         lambda so: so["spec"]["triggers"][0]["metadata"].pop("listLength"),
         lambda so: so["spec"]["triggers"][0]["metadata"].update(listLength=500),
         lambda so: so["spec"]["triggers"][0]["metadata"].update(enableTLS="yes"),
@@ -576,8 +574,9 @@ def test_keda_scales_the_worker_deployment_on_its_own_queues(
     lists = [t["metadata"]["listName"] for t in triggers if t["type"] == "redis"]
     assert len(lists) == len(triggers) == len(set(lists))
     assert set(lists) <= QUEUES, f"not blipq queues: {set(lists) - QUEUES}"
-    served = served_kinds(_settings_from(_deployment_env(), monkeypatch).served())
-    assert set(lists) == {queue_for(kind) for kind in served}
+    # One queue per model: exactly the queues of the models the Deployment serves.
+    served = _settings_from(_deployment_env(), monkeypatch).serve
+    assert set(lists) == {queue_for(model) for model in served}
 
 
 def test_keda_formula_sums_exactly_the_triggers() -> None:

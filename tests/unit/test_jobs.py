@@ -88,6 +88,31 @@ def test_parse_image_uri_with_version() -> None:
     assert ref.uri == "s3://my.bucket/dir/a b.jpg?versionId=v9"
 
 
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://allowed/../other/secret.jpg",
+        "s3://allowed/a/../../other/secret.jpg",
+        "s3://allowed/./a.jpg",
+        "s3://allowed/a/%2e%2e/b.jpg",  # percent-encoded: refused after decoding
+        "s3://allowed/a/..",
+    ],
+)
+def test_keys_with_dot_segments_are_refused(uri: str) -> None:
+    with pytest.raises(ValueError, match="path segment"):
+        parse_image_uri(uri)
+    with pytest.raises(InvalidJob) as info:  # the worker's read path: an invalid_job answer
+        decode_job({"kind": "caption", "image": uri})
+    assert info.value.code == ErrorCode.INVALID_JOB
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://bkt/a..b.jpg", "s3://bkt/.hidden/x.jpg", "s3://bkt/x/...jpg"]
+)
+def test_dots_inside_a_segment_are_ordinary_keys(uri: str) -> None:
+    assert parse_image_uri(uri).key == uri.removeprefix("s3://bkt/")
+
+
 def test_result_round_trip() -> None:
     result = JobResult(
         job_id="j1",

@@ -17,12 +17,12 @@ from celery import Celery, signals
 from kombu import Queue
 
 from producer.protocol.celeryconf import celery_config
+from producer.protocol.jobs import model_of
 from producer.protocol.keys import TASK_RUN_JOB, queue_for
 from worker.celery import patches
 from worker.celery.chunks import ChunkRunner
 from worker.delivery.reaper import Reaper
 from worker.engine import Engine
-from worker.models.registry import served_kinds
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,9 @@ log = logging.getLogger(__name__)
 
 def build_config() -> dict[str, Any]:
     settings = get_settings()
-    queues = [
-        Queue(queue_for(kind), routing_key=queue_for(kind))
-        for kind in served_kinds(settings.served())
-    ]
+    # One queue per served model: a job waits in the queue of the model it names, so it reaches
+    # only a worker that serves that model (whatever its kind).
+    queues = [Queue(queue_for(name), routing_key=queue_for(name)) for name in settings.serve]
     return {
         **celery_config(settings),
         # Celery's Redis backend, storing a job's result, its stream event and the clearing of
@@ -125,9 +124,7 @@ def _start_reaper(engine: Engine, settings: Settings) -> Reaper | None:
     backend: Any = app.backend
 
     def resend(job_id: str, kwargs: dict[str, Any]) -> None:
-        payload = kwargs.get("job")
-        kind = payload.get("kind", "caption") if isinstance(payload, dict) else "caption"
-        queue = queue_for(str(kind))
+        queue = queue_for(model_of(kwargs.get("job")))
         app.send_task(TASK_RUN_JOB, kwargs=kwargs, task_id=job_id, queue=queue, routing_key=queue)
 
     reaper = Reaper(

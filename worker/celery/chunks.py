@@ -31,7 +31,7 @@ from celery.exceptions import Reject
 
 from producer.protocol.chunks import ChunkEntry, decode_chunk
 from producer.protocol.errors import Retryable
-from producer.protocol.jobs import JOB_KINDS, ErrorCode, JobResult, encode_result
+from producer.protocol.jobs import ErrorCode, JobResult, encode_result, model_of
 from producer.protocol.keys import CHUNK_STARTED_KEY, LEDGER, TASK_RUN_JOB, queue_for
 from worker.delivery.policy import kind_of
 from worker.engine import Engine
@@ -169,8 +169,9 @@ class ChunkRunner:
         retries: int = 0,
     ) -> None:
         """Send one job of the chunk as a message of its own (its ledger entry stays)."""
-        kind = entry.payload.get("kind") if isinstance(entry.payload, dict) else None
-        target = queue_for(kind) if kind in JOB_KINDS else (queue or queue_for("caption"))
+        # The queue of the model the job names; one naming none goes back where the chunk was.
+        named = isinstance(entry.payload, dict) and isinstance(entry.payload.get("model"), str)
+        target = queue_for(model_of(entry.payload)) if named or not queue else queue
         # The message joins the far end of its queue, behind messages submitted after the job:
         # its ledger wait restarts now, or the reaper would take it for lost while it waits there.
         self.engine.redis.zadd(LEDGER, {entry.job_id: time.time()}, xx=True)

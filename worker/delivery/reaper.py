@@ -4,7 +4,9 @@ A job is lost when it is old (submitted, or last sent on by a worker, more than 
 ago), has no result, is not held unacknowledged by any consumer (kombu puts those back itself
 after the visibility timeout; a held chunk message holds every job its header lists), and is no
 longer in its queue. Queues are FIFO, so "no longer in the queue" is: the oldest message still
-waiting there was submitted after it.
+waiting in the job's own queue (the queue of the model its ledger payload names) was submitted
+after it. Each job is judged against its own queue only, so a backlog in a queue no worker serves
+does not hold back the recovery of jobs lost from other queues.
 
 A running job is always held (acks are late: a job's message is acknowledged after its result is
 stored, and a chunk message after all of its jobs are answered), so a start counter
@@ -31,7 +33,7 @@ import redis
 
 from producer.protocol import ledger
 from producer.protocol.chunks import message_job_ids
-from producer.protocol.jobs import JOB_KINDS
+from producer.protocol.jobs import model_of
 from producer.protocol.keys import (
     KOMBU_UNACKED,
     LEDGER,
@@ -99,12 +101,14 @@ class Reaper:
                 ledger.forget(pipe, job_id)  # done; the worker died before clearing the ledger
         pipe.execute()
         held = self._unacked_ids()
-        oldest = self._oldest_waiting()
-        lost = [
+        unheld = [
             job_id
             for job_id, result in zip(ids, finished, strict=True)
-            if result is None and job_id not in held and candidates[job_id] < oldest
+            if result is None and job_id not in held
         ]
+        queues = self._queues_of(unheld)
+        oldest = {queue: self._oldest_waiting(queue) for queue in set(queues.values())}
+        lost = [job_id for job_id in unheld if candidates[job_id] < oldest[queues[job_id]]]
         if lost:
             # A message taken off its queue after the unacknowledged set was read, and recorded
             # there only after its queue was read, looks lost: look again once it has landed
@@ -135,18 +139,29 @@ class Reaper:
                 continue
         return ids
 
-    def _oldest_waiting(self) -> float:
-        """Submission time of the oldest message still waiting in any queue (inf if none)."""
-        oldest = float("inf")
-        for kind in JOB_KINDS:
-            raw = self._redis.lindex(queue_for(kind), -1)
-            if raw is None:
-                continue
+    def _queues_of(self, job_ids: list[str]) -> dict[str, str]:
+        """Each job's queue: that of the model its ledger payload names."""
+        if not job_ids:
+            return {}
+        payloads = self._redis.hmget(LEDGER_PAYLOADS, job_ids)
+        queues = {}
+        for job_id, raw in zip(job_ids, payloads, strict=True):
             try:
-                # A chunk's jobs were recorded in order: its first job is its oldest.
-                job_id = message_job_ids(json.loads(raw)["headers"])[0]
-            except (ValueError, KeyError, IndexError, TypeError):
-                return float("-inf")  # cannot tell: assume nothing is lost
-            score = self._redis.zscore(LEDGER, job_id)
-            oldest = min(oldest, score if score is not None else float("-inf"))
-        return oldest
+                payload = json.loads(raw).get("job") if raw is not None else None
+            except (ValueError, AttributeError):
+                payload = None
+            queues[job_id] = queue_for(model_of(payload))
+        return queues
+
+    def _oldest_waiting(self, queue: str) -> float:
+        """Submission time of the oldest message still waiting in a queue (inf if none)."""
+        raw = self._redis.lindex(queue, -1)
+        if raw is None:
+            return float("inf")
+        try:
+            # A chunk's jobs were recorded in order: its first job is its oldest.
+            job_id = message_job_ids(json.loads(raw)["headers"])[0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return float("-inf")  # cannot tell: assume nothing is lost
+        score = self._redis.zscore(LEDGER, job_id)
+        return score if score is not None else float("-inf")
