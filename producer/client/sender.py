@@ -20,6 +20,7 @@ from producer.client.waiting import ResultWaiter
 from producer.protocol import ledger
 from producer.protocol.celeryconf import make_app
 from producer.protocol.chunks import encode_chunk, group_messages
+from producer.protocol.errors import JobFailed
 from producer.protocol.jobs import AnyJob, ErrorCode, JobResult, decode_result, encode_job
 from producer.protocol.keys import (
     CHUNK_JOBS_HEADER,
@@ -118,8 +119,10 @@ class Sender:
     def to_result(self, job_id: str, raw: bytes | str | None) -> JobResult | None:
         """The final result in a stored record, or None while the job is not done.
 
-        A stored value that is not a JobResult (a Celery task other than blipq's, a record
-        written by something else) becomes an ``internal`` error result, never an exception.
+        An ok result is stored as Celery's SUCCESS, an error result as its FAILURE, the
+        exception (``JobFailed``) carrying the JobResult. A stored value that is not a JobResult
+        (a Celery task other than blipq's, a record written by something else) becomes an
+        ``internal`` error result, never an exception.
         """
         if raw is None:
             return None
@@ -135,6 +138,11 @@ class Sender:
             except Exception as exc:
                 return _unreadable(job_id, f"the stored value is not a blipq result: {exc}")
         detail = meta.get("result") or {}
+        if isinstance(detail, JobFailed):
+            try:
+                return decode_result(detail.result)
+            except Exception as exc:
+                return _unreadable(job_id, f"the stored failure is not a blipq result: {exc}")
         message = detail.get("exc_message") if isinstance(detail, dict) else str(detail)
         return _unreadable(job_id, f"task {meta.get('status')}: {message}")
 

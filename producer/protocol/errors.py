@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BlipqError(Exception):
     """Root of every exception blipq raises on purpose."""
@@ -40,3 +42,26 @@ class Retryable(JobFailure):
 
 class ResultTimeout(BlipqError, TimeoutError):
     """No result arrived within the time the caller gave."""
+
+
+class JobFailed(BlipqError):
+    """A job ended with an error result (``result``: the encoded JobResult).
+
+    The worker's task raises it so that Celery and the tools that read Celery (its events, so
+    Flower; ``AsyncResult.state``) count the job as failed. The
+    stored FAILURE record carries the JobResult as this exception's one argument, and producers
+    read it back from there (``producer.client.sender.Sender.to_result``).
+    """
+
+    def __init__(self, result: Any = None) -> None:
+        super().__init__(result)
+        self.result: dict[str, Any] = result if isinstance(result, dict) else {}
+
+    def __str__(self) -> str:
+        error = self.result.get("error")
+        if not isinstance(error, dict):
+            return "the job failed"
+        return f"{error.get('code')}: {error.get('message')}"
+
+    def __repr__(self) -> str:
+        return f"JobFailed({str(self)!r})"

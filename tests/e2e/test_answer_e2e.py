@@ -20,9 +20,11 @@ from celery.app.task import Context
 from redis.connection import Connection
 
 from producer.cli.embedded import EmbeddedRedis
+from producer.client.sender import Sender
 from producer.protocol import ledger
 from producer.protocol.celeryconf import celery_config
-from producer.protocol.jobs import JobResult, encode_result
+from producer.protocol.errors import JobFailed
+from producer.protocol.jobs import ErrorCode, JobResult, decode_result, encode_result
 from producer.protocol.keys import (
     DELIVERIES_KEY,
     LEDGER,
@@ -30,7 +32,8 @@ from producer.protocol.keys import (
     RESULTS_STREAM,
     TASK_RUN_JOB,
 )
-from worker.celery.backend import WorkerResultBackend
+from producer.protocol.settings import ClientSettings
+from worker.celery.backend import WorkerResultBackend, stored_answer
 from worker.settings import Settings
 
 
@@ -160,3 +163,52 @@ def test_an_answer_survives_a_script_flush(
     job_id = str(uuid.uuid4())
     assert backend.answer(job_id, _result(job_id, "after")) is True
     assert backend.get_task_meta(job_id)["result"]["worker"] == "after"
+
+
+def _error(job_id: str) -> dict[str, Any]:
+    failed = JobResult.failure(job_id, "caption", ErrorCode.NOT_FOUND, "no such object")
+    return encode_result(failed)
+
+
+def test_an_error_answer_is_a_celery_failure_that_producers_read_back(
+    backend: WorkerResultBackend, admin: redis.Redis, private_redis: EmbeddedRedis
+) -> None:
+    job_id = str(uuid.uuid4())
+    _pending(admin, job_id)
+    assert backend.answer(job_id, _error(job_id)) is True
+    meta = backend.get_task_meta(job_id)
+    assert meta["status"] == states.FAILURE and isinstance(meta["result"], JobFailed)
+    assert meta["result"].result["error"]["code"] == "not_found"
+    assert [e["status"] for e in _events(admin, job_id)] == ["error"]
+    assert admin.zscore(LEDGER, job_id) is None
+    sender = Sender(ClientSettings(redis_url=private_redis.url))
+    try:
+        read = sender.to_result(job_id, admin.get(backend.get_key_for_task(job_id)))
+    finally:
+        sender.close()
+    assert read == decode_result(_error(job_id))
+
+
+def test_a_stored_failure_is_final(backend: WorkerResultBackend, admin: redis.Redis) -> None:
+    job_id = str(uuid.uuid4())
+    assert backend.answer(job_id, _error(job_id)) is True
+    _pending(admin, job_id)  # redelivered and run again, this time ok
+    assert backend.answer(job_id, _result(job_id, "second")) is False
+    assert backend.get_task_meta(job_id)["status"] == states.FAILURE
+    assert [e["status"] for e in _events(admin, job_id)] == ["error"]
+    assert admin.zscore(LEDGER, job_id) is None
+
+
+def test_celery_storing_a_job_failed_answers_it(
+    backend: WorkerResultBackend, admin: redis.Redis
+) -> None:
+    """The trace's ``mark_as_failure`` of a run_job that raised ``JobFailed``."""
+    job_id = str(uuid.uuid4())
+    _pending(admin, job_id)
+    request = Context(task=TASK_RUN_JOB, id=job_id, delivery_info={})
+    backend.mark_as_failure(job_id, JobFailed(_error(job_id)), "Traceback ...", request=request)
+    meta = backend.get_task_meta(job_id)
+    assert meta["status"] == states.FAILURE and meta["traceback"] is None
+    assert stored_answer(meta) == _error(job_id)
+    assert [e["status"] for e in _events(admin, job_id)] == ["error"]
+    assert admin.zscore(LEDGER, job_id) is None

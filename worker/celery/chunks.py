@@ -26,13 +26,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from celery import states
 from celery.exceptions import Reject
 
 from producer.protocol.chunks import ChunkEntry, decode_chunk
 from producer.protocol.errors import Retryable
 from producer.protocol.jobs import ErrorCode, JobResult, encode_result, model_of
 from producer.protocol.keys import CHUNK_STARTED_KEY, LEDGER, TASK_RUN_JOB, queue_for
+from worker.celery.backend import stored_answer
 from worker.delivery.policy import kind_of
 from worker.engine import Engine
 
@@ -145,8 +145,9 @@ class ChunkRunner:
         answered = 0
         for entry, raw in zip(entries, stored, strict=True):
             meta = backend.decode_result(raw) if raw is not None else {}
-            if meta.get("status") == states.SUCCESS:
-                self.engine.publisher.publish(meta["result"])  # once: no second event
+            answer = stored_answer(meta)
+            if answer is not None:
+                self.engine.publisher.publish(answer)  # once: no second event
                 self.engine.deliveries.completed(entry.job_id)
                 answered += 1
             else:

@@ -3,7 +3,9 @@
 ``blipq.run_job`` runs one job; ``blipq.run_chunk`` the jobs of a chunk message (through the
 process's ``ChunkRunner``). Both follow one ``DeliveryPolicy``: transient failures retried with
 backoff, then answered; a job whose earlier starts did not finish is a suspect, run alone, and
-poison after ``max_deliveries`` starts.
+poison after ``max_deliveries`` starts. A job whose result is an error raises ``JobFailed`` with
+it, so that Celery stores, reports and counts it as a failure (``task-failed``, Flower's
+Failed, ``AsyncResult.state == "FAILURE"``); the stored record carries the JobResult.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from __future__ import annotations
 import logging
 from typing import Any, cast
 
-from celery import Task, states
+from celery import Task
 
-from producer.protocol.errors import Retryable
+from producer.protocol.errors import JobFailed, Retryable
 from producer.protocol.jobs import encode_result
 from producer.protocol.keys import TASK_RUN_CHUNK, TASK_RUN_JOB
 from worker.celery.app import app, services
-from worker.celery.backend import WorkerResultBackend
+from worker.celery.backend import WorkerResultBackend, stored_answer
 from worker.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 class JobTask(Task):  # type: ignore[type-arg]
     acks_late = True
     reject_on_worker_lost = True
+    # An error result is an expected failure: Celery logs it in one line, without a traceback.
+    throws = (JobFailed,)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         # Celery stored the result, announced it and cleared the job's bookkeeping in one go
@@ -34,20 +38,32 @@ class JobTask(Task):  # type: ignore[type-arg]
         if self.request.ignore_result:
             cast(WorkerResultBackend, self.backend).answer(task_id, retval)
 
+    def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # As on_success: Celery stores no failure of a message sent with ignore_result.
+        if self.request.ignore_result and isinstance(exc, JobFailed):
+            cast(WorkerResultBackend, self.backend).answer(task_id, exc.result)
+
 
 @app.task(base=JobTask, bind=True, name=TASK_RUN_JOB, max_retries=None)  # type: ignore[untyped-decorator]
 def run_job(self: JobTask, job: Any = None, submitted_at: float | None = None) -> dict[str, Any]:
+    result = _run_job(self, job, submitted_at)
+    if result.get("status") == "error":
+        raise JobFailed(result)
+    return result
+
+
+def _run_job(task: JobTask, job: Any, submitted_at: float | None) -> dict[str, Any]:
     engine = services().engine
-    job_id = str(self.request.id)
+    job_id = str(task.request.id)
     with engine.quarantine.shared():
         earlier = engine.deliveries.begin(job_id)
         if not earlier:
-            return _run(self, engine, job_id, job, submitted_at)
+            return _run(task, engine, job_id, job, submitted_at)
     # A redelivery: an earlier start did not finish (its worker was killed, or lost its
     # connection, while the job was in flight).
-    stored = self.backend.get_task_meta(job_id)
-    if stored.get("status") == states.SUCCESS:
-        return dict(stored["result"])
+    stored = stored_answer(task.backend.get_task_meta(job_id))
+    if stored is not None:  # answered before: the same answer again (stored once)
+        return dict(stored)
     if engine.policy.is_poison(earlier):
         result, reason = engine.policy.poison(job_id, job, earlier)
         engine.deliveries.dead_letter(job_id, job, reason)
@@ -56,7 +72,7 @@ def run_job(self: JobTask, job: Any = None, submitted_at: float | None = None) -
     log.warning("job %s: %d earlier start(s) did not finish; running it alone", job_id, earlier)
     with engine.quarantine.alone():
         engine.deliveries.restart(job_id)
-        return _run(self, engine, job_id, job, submitted_at)
+        return _run(task, engine, job_id, job, submitted_at)
 
 
 def _run(

@@ -1,13 +1,15 @@
 -- Atomic: a job's whole answer in one round trip (instead of four: storing, announcing and clearing one by
 -- one). Store the result as Celery's Redis backend does (SET, then PUBLISH on the key's channel
--- for waiters), except over a stored success, which Celery never overwrites either; announce it on
+-- for waiters), except over a stored final state (SUCCESS, FAILURE, REVOKED: Celery never
+-- overwrites a stored success either, and a job has one answer); announce it on
 -- the stream once, as publish_once.lua; clear the job's start counter and its ledger entry (as
 -- ``ledger.forget``). Returns 1 if this call stored the result.
 local stored = false
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, meta = pcall(cjson.decode, current)
-  stored = ok and type(meta) == 'table' and meta['status'] == 'SUCCESS'
+  local final = {SUCCESS = true, FAILURE = true, REVOKED = true}
+  stored = ok and type(meta) == 'table' and final[meta['status']] == true
 end
 if not stored then
   if tonumber(ARGV[2]) > 0 then
