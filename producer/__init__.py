@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from producer.client import Client
 from producer.client.aio import AsyncClient
-from producer.protocol.errors import BlipqError, InvalidJob, JobFailure, ResultTimeout
+from producer.protocol.errors import (
+    BlipqError,
+    InvalidJob,
+    JobFailed,
+    JobFailure,
+    RedisUnavailable,
+    ResultTimeout,
+)
 from producer.protocol.jobs import (
     CaptionJob,
     CaptionOutput,
@@ -36,6 +43,7 @@ __all__ = [
     "ImageRef",
     "InvalidJob",
     "JobError",
+    "JobFailed",
     "JobFailure",
     "JobResult",
     "MatchJob",
@@ -43,6 +51,7 @@ __all__ = [
     "MatchScore",
     "ModerationJob",
     "ModerationOutput",
+    "RedisUnavailable",
     "ResultTimeout",
     "ScoredCaption",
     "Timings",

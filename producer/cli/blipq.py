@@ -8,11 +8,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from producer.cli import bulk, calibrate
 from producer.client import Client
-from producer.protocol.errors import ResultTimeout
+from producer.protocol.errors import RedisUnavailable, ResultTimeout
 from producer.protocol.jobs import AnyJob, CaptionJob, JobResult, MatchJob, ModerationJob, VqaJob
 from producer.protocol.settings import ClientSettings
 
@@ -194,9 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_REDIS_UNAVAILABLE = 5
+"""Exit code of any command that could not reach Redis (1 means a job failed)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except RedisUnavailable as exc:
+        print(f"blipq: {exc}", file=sys.stderr)
+        return EXIT_REDIS_UNAVAILABLE
+    except redis.ConnectionError as exc:
+        url = args.redis_url or ClientSettings().redis_url
+        print(f"blipq: {RedisUnavailable(url, str(exc))}", file=sys.stderr)
+        return EXIT_REDIS_UNAVAILABLE
     return code
 
 

@@ -165,7 +165,7 @@ def cmd_bulk(args: argparse.Namespace, make_client: ClientFactory) -> int:
         items, source = _inputs(args, options)
         handled = writer.written()
     except (BulkError, OSError, ValueError, BotoCoreError, ClientError) as exc:
-        print(f"blipq bulk: {exc}", file=sys.stderr)
+        print(f"blipq bulk: {exc}{s3_hint(exc)}", file=sys.stderr)
         return 2
     with make_client(args) as client:
         try:
@@ -187,6 +187,29 @@ def cmd_bulk(args: argparse.Namespace, make_client: ClientFactory) -> int:
             print(f"blipq bulk: {exc}", file=sys.stderr)
             return 2
         return drive(run, writer, out=sys.stderr, quiet=args.quiet)
+
+
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}
+
+
+def s3_hint(exc: Exception) -> str:
+    """What to set when listing S3 failed for want of credentials or an endpoint."""
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError) or code in _CREDENTIAL_CODES:
+        return (
+            " (set BLIPQ_S3_ACCESS_KEY_ID and BLIPQ_S3_SECRET_ACCESS_KEY, and "
+            "BLIPQ_S3_ENDPOINT_URL for a store other than AWS)"
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return " (check BLIPQ_S3_ENDPOINT_URL)"
+    return ""
 
 
 def drive(run: BulkRun, writer: ResultWriter, *, out: Any, quiet: bool = False) -> int:

@@ -13,7 +13,7 @@ import redis
 from producer.client.sender import Sender
 from producer.client.stream import StreamEvent, follow
 from producer.client.waiting import ResultWaiter
-from producer.protocol.errors import ResultTimeout
+from producer.protocol.errors import RedisUnavailable, ResultTimeout
 from producer.protocol.jobs import AnyJob, JobResult
 from producer.protocol.keys import (
     KOMBU_BINDING_PREFIX,
@@ -91,8 +91,11 @@ class Client:
     def results(self, job_ids: Sequence[str], timeout: float | None = None) -> Iterator[JobResult]:
         """Yield results as they complete (any order); ResultTimeout if some are still missing.
 
-        Uses the result backend's own publish-on-store (see ``producer.client.waiting``): subscribe
-        first, then read what is already stored, then wait for messages.
+        RedisUnavailable (not ResultTimeout) once Redis has been unreachable for
+        ``redis_down_s`` seconds, or at the timeout if it is unreachable then: a restart shorter
+        than that is ridden out, nothing lost. Uses the result backend's own publish-on-store
+        (see ``producer.client.waiting``): subscribe first, then read what is already stored,
+        then wait for messages.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         for start in range(0, len(job_ids), _SUBSCRIBE_CHUNK):
@@ -101,6 +104,12 @@ class Client:
                 yield from waiter.add(job_ids[start : start + _SUBSCRIBE_CHUNK])
                 while len(waiter):
                     wait = 1.0 if deadline is None else deadline - time.monotonic()
+                    down = waiter.down_for()
+                    if down >= self.settings.redis_down_s or (down and wait <= 0):
+                        raise RedisUnavailable(
+                            self.settings.redis_url,
+                            f"{down:.1f} s without an answer: {waiter.last_error}",
+                        )
                     if wait <= 0:
                         raise ResultTimeout(f"{len(waiter)} results still pending")
                     yield from waiter.wait(min(wait, 1.0))

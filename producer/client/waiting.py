@@ -5,6 +5,8 @@ subscribes first, then reads what is already stored (MGET), then takes messages,
 slip between the two. Pub/sub is fire-and-forget, though: redis-py silently reconnects and
 resubscribes a subscription after a Redis restart, and a result published before that is never
 delivered. So a waiter that has heard nothing for ``sweep_s`` reads every pending key again.
+While Redis cannot be reached, ``down_for`` says for how long: callers decide when a restart
+has become an outage (``Client.results`` raises ``RedisUnavailable``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class ResultWaiter:
         self._finished: list[str] = []  # keys to unsubscribe from, in one command
         self._pubsub = self._subscription()
         self._last_read = time.monotonic()
+        self._down_since: float | None = None
+        self.last_error = ""  # the last connection error, while Redis cannot be reached
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -61,7 +65,8 @@ class ResultWaiter:
         try:
             self._pubsub.subscribe(*keys)
             found = self._read(list(keys))
-        except redis.ConnectionError:
+        except redis.ConnectionError as exc:
+            self._lost(exc)
             return self._reconnect()
         self._unsubscribe_finished()
         return found
@@ -81,7 +86,8 @@ class ResultWaiter:
                 message = self._pubsub.get_message(timeout=0)
             if not found and time.monotonic() - self._last_read >= self._sweep_s:
                 found = self._read(list(self._pending))
-        except redis.ConnectionError:
+        except redis.ConnectionError as exc:
+            self._lost(exc)
             time.sleep(min(timeout, 1.0))
             found += self._reconnect()
         self._unsubscribe_finished()
@@ -92,6 +98,16 @@ class ResultWaiter:
         key = self.key(job_id)
         if self._pending.pop(key, None) is not None:
             self._pubsub.unsubscribe(key)
+
+    def down_for(self) -> float:
+        """Seconds since Redis was last found unreachable, with no answer from it since; 0.0
+        while it answers."""
+        return 0.0 if self._down_since is None else time.monotonic() - self._down_since
+
+    def _lost(self, exc: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        self.last_error = str(exc)
 
     def idle(self) -> bool:
         """Nothing pending, every finished key unsubscribed: as good as new, minus a connect."""
@@ -112,6 +128,7 @@ class ResultWaiter:
                 if result is not None:
                     found.append(result)
         self._last_read = time.monotonic()
+        self._down_since = None
         return found
 
     def _take(self, key: str, raw: bytes | str | None) -> JobResult | None:
@@ -141,5 +158,6 @@ class ResultWaiter:
             keys = list(self._pending)
             self._pubsub.subscribe(*keys)
             return self._read(keys)
-        except redis.ConnectionError:
+        except redis.ConnectionError as exc:
+            self._lost(exc)
             return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 
 class BlipqError(Exception):
@@ -65,3 +66,26 @@ class JobFailed(BlipqError):
 
     def __repr__(self) -> str:
         return f"JobFailed({str(self)!r})"
+
+
+class RedisUnavailable(BlipqError, ConnectionError):
+    """The results Redis (or the Redis broker) cannot be reached. ``url`` has its password
+    masked; the message says so too, and never carries the password."""
+
+    def __init__(self, url: str, detail: str = "") -> None:
+        self.url = masked_url(url)
+        suffix = f": {detail}" if detail else ""
+        super().__init__(f"Redis at {self.url} is unreachable{suffix}")
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (``redis://:***@host:6379/0``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))

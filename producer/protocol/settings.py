@@ -42,6 +42,13 @@ class ClientSettings(BaseSettings):
         "worker understands chunks; see Performance.",
     )
 
+    redis_down_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds Client.result/results wait on an unreachable Redis before raising "
+        "RedisUnavailable (a restart shorter than this is ridden out; `blipq` exits 5).",
+    )
+
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
