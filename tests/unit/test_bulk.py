@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from producer.bulk import (
     BulkError,
@@ -13,12 +16,14 @@ from producer.bulk import (
     CsvWriter,
     JsonlWriter,
     ParquetWriter,
+    ProgressLine,
     RunStatus,
     check_run_id,
     compute_progress,
     content_digest,
     derive_run_id,
     flat_row,
+    format_duration,
     items_from,
     job_id_for,
     manifest_format,
@@ -168,7 +173,51 @@ def test_progress_rate_and_eta() -> None:
     assert (progress.rate, progress.eta_s, progress.ok, progress.fraction) == (2.0, 30.0, 38, 0.4)
     text = render_progress(progress, width=10)
     assert text.startswith("[####------] 40/100 done (40%)")
-    assert "2 failed, 60 submitted, 2.0/s, ETA 0:00:30" in text
+    assert "2 failed, 60 submitted, 2.0/s, elapsed 0:00:10, ETA 0:00:30" in text
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _frames(raw: str) -> list[str]:
+    """What a terminal shows, frame by frame: control sequences out, split at CR and LF."""
+    return [f for f in re.split(r"[\r\n]", _ANSI.sub("", raw)) if f.strip()]
+
+
+@pytest.mark.parametrize("total", [240, 1_200_000])
+def test_the_terminal_line_fits_80_columns_and_shows_every_figure(total: int) -> None:
+    raw = io.StringIO()
+    console = Console(file=raw, width=80, force_terminal=True, color_system=None)
+    line = ProgressLine(raw, console=console)
+    done = total // 2
+    # A resumed run: 20 finished in this start, in 10 s; the rest in earlier starts.
+    progress = compute_progress(
+        total=total, submitted=done + 40, done=done, failed=3, session_done=20,
+        session_elapsed_s=10.0,
+    )  # fmt: skip
+    line.update(progress, force=True)
+    line.end(progress)
+    frames = _frames(raw.getvalue())
+    assert frames and all(len(frame) <= 80 for frame in frames), frames
+    last = frames[-1]
+    assert f"{done}/{total}" in last and "3 failed" in last and f"{done + 40} sent" in last
+    assert "2.0/s" in last  # this start's results only, not the resumed ones
+    assert "0:00:10" in last  # elapsed
+    assert f"ETA {format_duration((total - done) / 2.0)}" in last
+    assert "━" in last  # the bar
+
+
+def test_off_a_terminal_the_line_is_plain_and_periodic() -> None:
+    out = io.StringIO()
+    line = ProgressLine(out)
+    progress = compute_progress(
+        total=10, submitted=5, done=4, failed=1, session_done=4, session_elapsed_s=2.0
+    )
+    line.update(progress)
+    line.update(progress)  # within the period: nothing
+    line.end(progress)
+    assert out.getvalue().splitlines() == [render_progress(progress)] * 2
+    assert "\x1b" not in out.getvalue() and "\r" not in out.getvalue()
 
 
 def test_progress_edges() -> None:
