@@ -214,8 +214,9 @@ class Engine:
         runner = self.runners[key[0]]  # type: ignore[index]
         started = time.perf_counter()
         outputs = self.oom.run(runner.name, items, runner.run_batch)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        self.metrics.observe_batch(runner.name, len(items))
+        elapsed_s = time.perf_counter() - started
+        elapsed_ms = elapsed_s * 1000
+        self.metrics.observe_batch(runner.name, len(items), elapsed_s)
         if runner.placement.device.type == "cuda":
             self.metrics.update_gpu()
         return [_Done(output, len(items), elapsed_ms) for output in outputs]

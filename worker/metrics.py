@@ -1,47 +1,75 @@
 """Prometheus metrics of a worker, served over HTTP on ``BLIPQ_METRICS_PORT``.
 
 One registry per runtime (not the global default), so tests and embedded runtimes never
-collide; names are prefixed ``blipq_``.
+collide; blipq's names are prefixed ``blipq_``, durations are in seconds (Prometheus' base
+unit), and the registry also carries the standard ``process_*`` and ``python_*`` collectors.
+Per-item figures (queue wait, fetch, a job's whole time) are observed once per job, per-batch
+figures (the forward pass, the batch size) once per batch.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 from producer.protocol.jobs import JobResult
 
-_MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+DEFAULT_PORT = 9464
+"""The port deploy/ serves metrics on: not 9100, node_exporter's, which GPU hosts usually run."""
+
+_SECONDS_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_ITEM = ["kind", "model"]
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.jobs = Counter("blipq_jobs", "Finished jobs.", ["kind", "model", "status"], registry=r)
-        self.errors = Counter("blipq_errors", "Failed jobs by error code.", ["code"], registry=r)
-        self.batch_size = Histogram(
-            "blipq_batch_size",
-            "Items per forward pass.",
-            ["model"],
-            buckets=_BATCH_BUCKETS,
-            registry=r,
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.jobs = Counter("blipq_jobs", "Finished jobs.", [*_ITEM, "status"], registry=r)
+        self.errors = Counter(
+            "blipq_errors", "Failed jobs by error code.", [*_ITEM, "code"], registry=r
         )
         self.queue_wait = Histogram(
-            "blipq_queue_wait_ms", "Submission to start.", ["kind"], buckets=_MS_BUCKETS, registry=r
+            "blipq_queue_wait_seconds",
+            "Per job: submission to start.",
+            _ITEM,
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
         )
         self.fetch = Histogram(
-            "blipq_fetch_ms",
-            "S3 fetch, decode and preprocessing.",
-            ["kind"],
-            buckets=_MS_BUCKETS,
+            "blipq_fetch_seconds",
+            "Per job: S3 fetch, decode and preprocessing.",
+            _ITEM,
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.job = Histogram(
+            "blipq_job_seconds",
+            "Per job: submission to result, ok or not.",
+            _ITEM,
+            buckets=_SECONDS_BUCKETS,
             registry=r,
         )
         self.inference = Histogram(
-            "blipq_inference_ms",
-            "Forward pass of the batch an item ran in.",
+            "blipq_inference_seconds",
+            "Per batch: one forward pass (a model's batch may serve several kinds).",
             ["model"],
-            buckets=_MS_BUCKETS,
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "blipq_batch_size",
+            "Per batch: items in one forward pass.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.model_load = Gauge(
@@ -55,17 +83,20 @@ class Metrics:
         )
 
     def observe(self, result: JobResult) -> None:
-        model = result.model or "unknown"
-        self.jobs.labels(result.kind, model, result.status).inc()
+        """One finished job (per-item figures)."""
+        labels = (result.kind, result.model or "unknown")
+        self.jobs.labels(*labels, result.status).inc()
+        self.job.labels(*labels).observe(result.timings.total_ms / 1000)
+        self.queue_wait.labels(*labels).observe(result.timings.queue_wait_ms / 1000)
         if result.error is not None:
-            self.errors.labels(result.error.code.value).inc()
+            self.errors.labels(*labels, result.error.code.value).inc()
             return
-        self.queue_wait.labels(result.kind).observe(result.timings.queue_wait_ms)
-        self.fetch.labels(result.kind).observe(result.timings.fetch_ms)
-        self.inference.labels(model).observe(result.timings.inference_ms)
+        self.fetch.labels(*labels).observe(result.timings.fetch_ms / 1000)
 
-    def observe_batch(self, model: str, size: int) -> None:
+    def observe_batch(self, model: str, size: int, seconds: float) -> None:
+        """One forward pass (per-batch figures)."""
         self.batch_size.labels(model).observe(size)
+        self.inference.labels(model).observe(seconds)
 
     def update_gpu(self) -> None:
         import torch

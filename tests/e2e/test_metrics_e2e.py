@@ -41,7 +41,13 @@ def test_metrics_count_jobs_batches_and_errors(
 
     assert delta("blipq_jobs_total", kind="caption", model="tiny-caption", status="ok") == 10
     assert delta("blipq_jobs_total", kind="caption", model="tiny-caption", status="error") == 1
-    assert delta("blipq_errors_total", code="not_found") == 1
+    assert delta("blipq_errors_total", kind="caption", model="tiny-caption", code="not_found") == 1
     assert delta("blipq_batch_size_sum", model="tiny-caption") >= 10
-    assert delta("blipq_inference_ms_count", model="tiny-caption") == 10
+    # The forward pass is observed once per batch: fewer observations than jobs when batched.
+    passes = delta("blipq_inference_seconds_count", model="tiny-caption")
+    assert 1 <= passes == delta("blipq_batch_size_count", model="tiny-caption") <= 10
+    item = {"kind": "caption", "model": "tiny-caption"}
+    assert delta("blipq_job_seconds_count", **item) == 11
+    assert delta("blipq_fetch_seconds_count", **item) == 10
+    assert after[("process_resident_memory_bytes", ())] > 0
     assert after[("blipq_model_load_seconds", (("model", "tiny-caption"),))] > 0

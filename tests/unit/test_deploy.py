@@ -534,7 +534,10 @@ def test_worker_pod_requests_one_gpu() -> None:
 
 
 def test_metrics_port_is_the_same_everywhere() -> None:
+    from worker.metrics import DEFAULT_PORT
+
     port = int(_configmap()["BLIPQ_METRICS_PORT"])
+    assert port == DEFAULT_PORT != 9100  # 9100 is node_exporter's
     container = _container()
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert named["metrics"] == port
