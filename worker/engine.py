@@ -98,7 +98,7 @@ class Engine:
             settings,
             runners,
             objects=ObjectReader.from_settings(settings),
-            redis_client=redis.Redis.from_url(settings.redis_url),
+            redis_client=settings.redis(),
         )
         for name, seconds in load_s.items():
             engine.metrics.model_load.labels(name).set(seconds)

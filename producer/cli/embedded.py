@@ -83,8 +83,9 @@ def _redis_binary() -> str:
 class EmbeddedRedis:
     """A private Redis (or Valkey) server; ``restart`` keeps its data (for fault tests)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
+        self.extra = extra  # more server arguments (e.g. ``("--replicaof", host, port)``)
         self.dir = Path(tempfile.mkdtemp(prefix="blipq-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -101,6 +102,7 @@ class EmbeddedRedis:
             "--save", "",
             "--appendonly", "yes",
             "--protected-mode", "yes",
+            *self.extra,
         ]  # fmt: skip
         log = (self.dir / "server.log").open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

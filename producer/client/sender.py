@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import redis
 from celery import states
 
 from producer.client.waiting import ResultWaiter
@@ -45,7 +44,7 @@ class Sender:
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
         self.app = make_app(settings)
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = settings.redis()
         self._backend: Any = self.app.backend
 
     def send(self, jobs: Pending, *, per_message: int | None = None) -> None:

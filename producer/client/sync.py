@@ -13,6 +13,7 @@ import redis
 from producer.client.sender import Sender
 from producer.client.stream import StreamEvent, follow
 from producer.client.waiting import ResultWaiter
+from producer.protocol.connect import redis_client
 from producer.protocol.errors import RedisUnavailable, ResultTimeout
 from producer.protocol.jobs import AnyJob, JobResult
 from producer.protocol.keys import (
@@ -165,7 +166,7 @@ class Client:
         Every queue a worker or producer has declared is listed (0 when empty), and every queue
         holding messages, so jobs for a model that no live worker serves wait visibly.
         """
-        broker = redis.Redis.from_url(self.settings.effective_broker_url)
+        broker = redis_client(self.settings.effective_broker_url, self.settings.redis_master_name)
         try:
             return queue_depths(broker)
         finally:

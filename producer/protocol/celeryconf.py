@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
+from producer.protocol.connect import is_sentinel
 from producer.protocol.settings import ClientSettings
 
 
@@ -23,7 +24,23 @@ class ResultBackend(RedisBackend):  # type: ignore[misc]
         return None
 
 
+class SentinelResultBackend(ResultBackend, SentinelBackend):  # type: ignore[misc]
+    """``ResultBackend`` on the master a set of Redis Sentinels names (``sentinel://`` URLs)."""
+
+
 RESULT_BACKEND = f"{__name__}:{ResultBackend.__name__}"
+SENTINEL_RESULT_BACKEND = f"{__name__}:{SentinelResultBackend.__name__}"
+
+
+def backend_url(settings: ClientSettings, plain: str, sentinel: str) -> str:
+    """``result_backend``: the backend class ``plain`` or, for sentinel:// URLs, ``sentinel``."""
+    cls = sentinel if is_sentinel(settings.redis_url) else plain
+    return f"{cls}+{settings.redis_url}"
+
+
+def sentinel_options(settings: ClientSettings) -> dict[str, Any]:
+    """What kombu's and Celery's Sentinel support need beside the URL: the master's name."""
+    return {"master_name": settings.redis_master_name} if settings.redis_master_name else {}
 
 
 def celery_config(settings: ClientSettings) -> dict[str, Any]:
@@ -31,7 +48,9 @@ def celery_config(settings: ClientSettings) -> dict[str, Any]:
     return {
         "broker_url": settings.effective_broker_url,
         # Celery's Redis backend, less the SUBSCRIBE it sends with every task (ResultBackend).
-        "result_backend": f"{RESULT_BACKEND}+{settings.redis_url}",
+        "result_backend": backend_url(settings, RESULT_BACKEND, SENTINEL_RESULT_BACKEND),
+        "result_backend_transport_options": sentinel_options(settings),
+        "broker_transport_options": sentinel_options(settings),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import redis
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.protocol.connect import is_sentinel, redis_client
 from producer.protocol.keys import (
     DEFAULT_REDIS_URL,
     JOBS_PER_MESSAGE,
@@ -22,7 +24,13 @@ class ClientSettings(BaseSettings):
     redis_url: str = Field(
         default=DEFAULT_REDIS_URL,
         description="Redis URL for results and events (and the broker unless broker_url is set). "
-        "Use rediss:// for TLS and redis://:password@host for a password.",
+        "Use rediss:// for TLS and redis://:password@host for a password; "
+        "sentinel://host:port;sentinel://host:port with redis_master_name for Redis Sentinel.",
+    )
+    redis_master_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The Sentinel master's name, for sentinel:// URLs (redis_url, broker_url).",
     )
     broker_url: str | None = Field(
         default=None, description="Broker URL if not the Redis above (e.g. amqp://host// )."
@@ -48,6 +56,20 @@ class ClientSettings(BaseSettings):
         description="Seconds Client.result/results wait on an unreachable Redis before raising "
         "RedisUnavailable (a restart shorter than this is ridden out; `blipq` exits 5).",
     )
+
+    @model_validator(mode="after")
+    def _sentinel_needs_a_master(self) -> ClientSettings:
+        urls = (self.redis_url, self.broker_url or "")
+        if any(is_sentinel(url) for url in urls) and not self.redis_master_name:
+            raise ValueError(
+                "a sentinel:// URL needs the name of the master the Sentinels watch: "
+                "set BLIPQ_REDIS_MASTER_NAME (Sentinel's `sentinel monitor <name> ...`)"
+            )
+        return self
+
+    def redis(self) -> redis.Redis:
+        """A redis-py client of the results Redis (through Sentinel for sentinel:// URLs)."""
+        return redis_client(self.redis_url, self.redis_master_name)
 
     @property
     def effective_broker_url(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Queue
 
-from producer.protocol.celeryconf import celery_config
+from producer.protocol.celeryconf import backend_url, celery_config, sentinel_options
 from producer.protocol.jobs import model_of
 from producer.protocol.keys import TASK_RUN_JOB, queue_for
 from worker.celery import patches
@@ -37,7 +37,11 @@ def build_config() -> dict[str, Any]:
         **celery_config(settings),
         # Celery's Redis backend, storing a job's result, its stream event and the clearing of
         # its bookkeeping in one round trip (worker.celery.backend).
-        "result_backend": f"worker.celery.backend:WorkerResultBackend+{settings.redis_url}",
+        "result_backend": backend_url(
+            settings,
+            "worker.celery.backend:WorkerResultBackend",
+            "worker.celery.backend:WorkerSentinelResultBackend",
+        ),
         "task_queues": queues,
         "task_default_queue": queues[0].name,
         # Threads: I/O concurrency for S3 fetches while one model thread batches across them;
@@ -53,6 +57,7 @@ def build_config() -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "broker_transport_options": {
+            **sentinel_options(settings),
             "visibility_timeout": settings.visibility_timeout_s,
             # Sweep for messages abandoned by dead workers every few seconds (kombu's default
             # sweeps about every 100 s), so redelivery follows the visibility timeout closely.
@@ -119,7 +124,9 @@ def start(settings: Settings) -> Services:
 
 def _start_reaper(engine: Engine, settings: Settings) -> Reaper | None:
     """The ledger's reaper, on a Redis broker (RabbitMQ does not lose taken messages)."""
-    if not settings.effective_broker_url.startswith(("redis://", "rediss://", "unix://")):
+    if not settings.effective_broker_url.startswith(
+        ("redis://", "rediss://", "unix://", "sentinel://")
+    ):
         return None
     backend: Any = app.backend
 

@@ -15,6 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from celery import states
+from celery.backends.redis import SentinelBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
@@ -102,3 +103,7 @@ def stored_answer(meta: dict[str, Any]) -> dict[str, Any] | None:
         if isinstance(args, list | tuple) and args and isinstance(args[0], dict):
             return dict(args[0])
     return None
+
+
+class WorkerSentinelResultBackend(WorkerResultBackend, SentinelBackend):  # type: ignore[misc]
+    """``WorkerResultBackend`` on the master a set of Redis Sentinels names (``sentinel://``)."""
