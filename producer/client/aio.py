@@ -18,11 +18,11 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from producer.client.stream import StreamCursor, StreamEvent, group_exists, start_id
 from producer.client.sync import Client
 from producer.client.waiting import SWEEP_S
-from producer.protocol.connect import async_redis_client
 from producer.protocol.errors import ResultTimeout
 from producer.protocol.jobs import AnyJob, JobResult
 from producer.protocol.keys import RESULTS_STREAM, text
@@ -46,7 +46,7 @@ class AsyncClient:
         self._sync = Client(redis_url, broker_url=broker_url, settings=settings)
         self.settings = self._sync.settings
         self._sender = self._sync.sender
-        self._redis = async_redis_client(self.settings.redis_url, self.settings.redis_master_name)
+        self._redis = aioredis.Redis.from_url(self.settings.redis_url)
 
     @classmethod
     def from_env(cls) -> AsyncClient:
