@@ -192,6 +192,13 @@ class Settings(ClientSettings):
     max_image_pixels: int = Field(
         default=50_000_000, ge=4096, description="Largest decoded image (w x h)."
     )
+    max_message_bytes: int = Field(
+        default=16 * 2**20,
+        ge=4096,
+        description="Largest broker message body after decompression: a compressed message "
+        "(kombu's `compression` header) is inflated only up to this size, and refused with "
+        "`invalid_job` beyond it.",
+    )
     jpeg_draft: bool = Field(
         default=True,
         description="Decode large JPEGs at 1/2, 1/4 or 1/8 scale, never below twice the "

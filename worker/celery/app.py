@@ -111,6 +111,7 @@ def start(settings: Settings) -> Services:
     with _lock:
         if _services is None:
             quiet_task_logs(settings)
+            patches.limit_decompression(settings.max_message_bytes)
             engine = Engine.start(settings)
             chunks = ChunkRunner(
                 engine,

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class JobTask(Task):  # type: ignore[type-arg]
+    # Every message is checked before Celery builds a request from it (worker.celery.refused).
+    Strategy = "worker.celery.refused:guarded_strategy"
     acks_late = True
     reject_on_worker_lost = True
     # An error result is an expected failure: Celery logs it in one line, without a traceback.
@@ -94,6 +96,7 @@ def _run(
 
 
 class ChunkTask(Task):  # type: ignore[type-arg]
+    Strategy = "worker.celery.refused:guarded_strategy"
     acks_late = True
     reject_on_worker_lost = True
     ignore_result = True  # results are stored per job, under the jobs' ids
