@@ -149,3 +149,31 @@ def test_a_message_on_its_way_to_the_unacked_set_is_not_resent(server: EmbeddedR
     reaper._stop = Landing()
     assert reaper.reap_once() == [ids[0]]  # ids[0] is really lost
     assert resent == [ids[0]]
+
+
+def test_reaper_reads_queues_and_held_messages_on_a_separate_broker(server: EmbeddedRedis) -> None:
+    """Ledger and results on one Redis, queues and the unacknowledged set on another."""
+    broker_server = EmbeddedRedis().start()
+    try:
+        r = redis.Redis.from_url(server.url)
+        broker = redis.Redis.from_url(broker_server.url)
+        with Client(redis_url=server.url, broker_url=broker_server.url) as client:
+            ids = client.submit_many([CaptionJob(image=f"s3://bkt/{i}.jpg") for i in range(4)])
+        assert r.zcard(LEDGER) == 4 and r.llen(QUEUE) == 0 and broker.llen(QUEUE) == 4
+        resent: list[str] = []
+        reaper = Reaper(
+            r,
+            lambda job_id, kwargs: resent.append(job_id),
+            reap_after_s=60,
+            interval_s=1,
+            result_key=lambda i: f"celery-task-meta-{i}",
+            clock=lambda: 10**12,
+            broker=broker,
+        )
+        assert reaper.reap_once() == []  # all still queued on the broker: nothing is lost
+        taken = [json.loads(broker.rpop(QUEUE)) for _ in range(2)]  # type: ignore[arg-type]
+        broker.hset("unacked", "tag-1", json.dumps([taken[0], "", QUEUE]))  # held
+        # ids[1] was taken by a consumer that died before recording it: lost.
+        assert reaper.reap_once() == [ids[1]] and resent == [ids[1]]
+    finally:
+        broker_server.close()

@@ -17,6 +17,7 @@ from celery import Celery, signals
 from kombu import Queue
 
 from producer.protocol.celeryconf import backend_url, celery_config, sentinel_options
+from producer.protocol.connect import redis_client
 from producer.protocol.jobs import model_of
 from producer.protocol.keys import TASK_RUN_JOB, queue_for
 from worker.celery import patches
@@ -141,6 +142,7 @@ def _start_reaper(engine: Engine, settings: Settings) -> Reaper | None:
         reap_after_s=settings.reap_after_s,
         interval_s=settings.reap_interval_s,
         result_key=lambda job_id: backend.get_key_for_task(job_id).decode(),
+        broker=redis_client(settings.effective_broker_url, settings.redis_master_name),
     )
     reaper.start()
     return reaper

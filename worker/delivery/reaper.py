@@ -60,8 +60,12 @@ class Reaper:
         interval_s: float,
         result_key: Callable[[str], str],
         clock: Callable[[], float] = time.time,
+        broker: redis.Redis | None = None,
     ) -> None:
+        """``client`` holds the ledger and the results; ``broker`` (default: the same Redis)
+        the queues and kombu's unacknowledged set."""
         self._redis = client
+        self._broker = broker if broker is not None else client
         self._resend = resend
         self._after = reap_after_s
         self._interval = interval_s
@@ -132,7 +136,7 @@ class Reaper:
 
     def _unacked_ids(self) -> set[str]:
         ids = set()
-        for raw in self._redis.hvals(KOMBU_UNACKED):
+        for raw in self._broker.hvals(KOMBU_UNACKED):
             try:
                 ids.update(message_job_ids(json.loads(raw)[0]["headers"]))
             except (ValueError, KeyError, IndexError, TypeError):
@@ -155,7 +159,7 @@ class Reaper:
 
     def _oldest_waiting(self, queue: str) -> float:
         """Submission time of the oldest message still waiting in a queue (inf if none)."""
-        raw = self._redis.lindex(queue, -1)
+        raw = self._broker.lindex(queue, -1)
         if raw is None:
             return float("inf")
         try:
