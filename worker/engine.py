@@ -57,6 +57,7 @@ class Engine:
         *,
         objects: ObjectReader,
         redis_client: redis.Redis,
+        worker_name: str | None = None,
     ) -> None:
         self.settings = settings
         self.runners = runners
@@ -68,7 +69,8 @@ class Engine:
         self.policy = DeliveryPolicy(
             max_attempts=settings.s3_max_attempts,
             max_deliveries=settings.max_deliveries,
-            worker=f"{socket.gethostname()}:{os.getpid()}",
+            # Celery's node name where there is one (what Flower and its events show).
+            worker=worker_name or f"{socket.gethostname()}:{os.getpid()}",
         )
         self.quarantine = Quarantine()  # suspects (redelivered after a crash) run alone
         self.limits = objects.limits
@@ -82,7 +84,7 @@ class Engine:
         self.worker_name = self.policy.worker
 
     @classmethod
-    def start(cls, settings: Settings) -> Engine:
+    def start(cls, settings: Settings, *, worker_name: str | None = None) -> Engine:
         configure_process(settings)
         placement = Placement.from_settings(settings)
         runners, load_s = {}, {}
@@ -99,6 +101,7 @@ class Engine:
             runners,
             objects=ObjectReader.from_settings(settings),
             redis_client=settings.redis(),
+            worker_name=worker_name,
         )
         for name, seconds in load_s.items():
             engine.metrics.model_load.labels(name).set(seconds)

@@ -7,6 +7,7 @@ and nothing else. Reading the bytes from S3 is ``worker.storage``.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from producer.protocol.errors import JobFailure
 from producer.protocol.jobs import ErrorCode
+
+_BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 class ImageFailure(JobFailure):
@@ -65,7 +68,11 @@ def decode(data: bytes, limits: Limits, draft_side: int | None = None) -> Image.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageFailure(f"decompression bomb refused: {exc}", code=ErrorCode.TOO_LARGE) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageFailure(f"not a decodable image: {exc}", code=ErrorCode.INVALID_IMAGE) from exc
+        # Pillow names the buffer it read ("<_io.BytesIO object at 0x...>"): nothing to show.
+        detail = _BUFFER_REPR.sub("", str(exc)).strip() or type(exc).__name__
+        raise ImageFailure(
+            f"not a decodable image: {detail}", code=ErrorCode.INVALID_IMAGE
+        ) from exc
     return to_rgb(image)
 
 

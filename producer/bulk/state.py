@@ -117,7 +117,7 @@ class RunState:
         ttl = self.redis.ttl(self.lock_key)
         raise BulkError(
             f"run {self.run_id} is being run by {holder} (lease ends in {ttl}s unless renewed); "
-            "wait for it to end, or take it over with --force (force=True) if it died"
+            "wait for it to end, or take it over with --force if it died"
         )
 
     def renew(self) -> bool:

@@ -14,7 +14,15 @@ from pydantic import ValidationError
 from producer.cli import bulk, calibrate
 from producer.client import Client
 from producer.protocol.errors import RedisUnavailable, ResultTimeout
-from producer.protocol.jobs import AnyJob, CaptionJob, JobResult, MatchJob, ModerationJob, VqaJob
+from producer.protocol.jobs import (
+    AnyJob,
+    CaptionJob,
+    JobResult,
+    MatchJob,
+    ModerationJob,
+    VqaJob,
+    describe_validation,
+)
 from producer.protocol.settings import ClientSettings
 
 
@@ -31,7 +39,7 @@ def _submit(args: argparse.Namespace, build: Callable[[], AnyJob]) -> int:
     try:
         job = build()
     except ValidationError as exc:
-        print(f"invalid job: {exc}", file=sys.stderr)
+        print(f"invalid job: {describe_validation(exc)}", file=sys.stderr)
         return 2
     with _client(args) as client:
         job_id = client.submit(job)
@@ -130,6 +138,15 @@ def _job_parser(sub: Any, name: str, help_text: str, model: str) -> argparse.Arg
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("blipq")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blipq",
@@ -137,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "BLIPQ_REDIS_URL (and BLIPQ_BROKER_URL) unless --redis-url is given.",
     )
     parser.add_argument("--redis-url", help="Redis URL for broker and results (BLIPQ_REDIS_URL)")
+    parser.add_argument("--version", action="version", version=f"blipq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     cap = _job_parser(sub, "caption", "caption an image in S3", "caption-base")

@@ -292,6 +292,7 @@ def test_cli_killed_hard_resumes_with_force(
     assert done < len(uris), "the run finished before it could be killed: upload more items"
     refused = blipq(*command, env=env)
     assert refused.returncode == 2 and "--force" in refused.stderr
+    assert "force=True" not in refused.stderr  # the command line's words, not Python's
     again = blipq(*command, "--force", env=env)
     assert again.returncode == 0, again.stderr
     with out.open(newline="") as handle:

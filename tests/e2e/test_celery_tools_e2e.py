@@ -4,6 +4,7 @@ error is a failed task (``task-failed`` on the event stream Flower reads, FAILUR
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -77,6 +78,9 @@ def test_an_error_result_is_a_failed_task_on_the_event_stream(
     assert ok_event is not None and ok_event["type"] == "task-succeeded"
     assert bad_event is not None and bad_event["type"] == "task-failed"
     assert bad_event["exception"].startswith("JobFailed('not_found:")
+    # Results name their worker as Celery does, so a result can be found in Flower.
+    assert results[ok_id].worker == results[bad_id].worker == ok_event["hostname"]
+    assert ok_event["hostname"] == caption_worker.name.replace("%h", socket.gethostname())
     print("task-failed event:", {k: bad_event[k] for k in ("uuid", "hostname", "exception")})
 
     # Celery's result API: FAILURE, its exception carrying the JobResult; SUCCESS for the other.

@@ -41,7 +41,18 @@ def test_invalid_job_is_refused_before_connecting(capsys: pytest.CaptureFixture[
         )
         == 2
     )
-    assert "max_new_tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # One clean line: the field and what is wrong, not pydantic's multi-line dump.
+    assert err == "invalid job: max_new_tokens: Input should be greater than or equal to 1\n"
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"blipq {version('blipq')}\n"
 
 
 def test_vqa_and_match_options_parse() -> None:

@@ -106,14 +106,14 @@ def services() -> Services:
     return _services
 
 
-def start(settings: Settings) -> Services:
+def start(settings: Settings, node: str | None = None) -> Services:
     """Load the models, start the model thread and the reaper (once per process)."""
     global _services
     with _lock:
         if _services is None:
             quiet_task_logs(settings)
             patches.limit_decompression(settings.max_message_bytes)
-            engine = Engine.start(settings)
+            engine = Engine.start(settings, worker_name=node)
             chunks = ChunkRunner(
                 engine,
                 threads=settings.worker_concurrency,
@@ -161,9 +161,10 @@ _PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
 
 
 @signals.celeryd_after_setup.connect
-def _start(**_: Any) -> None:
-    """Load and warm up every served model after logging is set up, before consuming starts."""
-    start(get_settings())
+def _start(sender: Any = None, **_: Any) -> None:
+    """Load and warm up every served model after logging is set up, before consuming starts.
+    ``sender`` is the node name (``name@host``): results name their worker by it."""
+    start(get_settings(), node=str(sender) if sender else None)
 
 
 @signals.worker_shutdown.connect
