@@ -51,6 +51,7 @@ class BulkRun:
         *,
         fingerprint: str,
         description: str,
+        inputs_file: str | None = None,
         handled: Mapping[str, str] | None = None,
         max_pending: int = 2000,
         chunk: int | None = None,
@@ -79,10 +80,10 @@ class BulkRun:
         self._state = RunState(sender.redis, self.run_id, sender.settings.result_expires_s)
         self._state.acquire(force=force)
         try:
-            self.resumed = self._state.register(
-                fingerprint,
-                {"description": description, "total": str(len(items)), "kind": _kinds(items)},
-            )
+            meta = {"description": description, "total": str(len(items)), "kind": _kinds(items)}
+            if inputs_file is not None:  # shown by `blipq status`; not part of the fingerprint
+                meta["inputs_file"] = inputs_file
+            self.resumed = self._state.register(fingerprint, meta)
             self._plan(handled)
         except BaseException:
             self._state.release()
@@ -327,8 +328,10 @@ def run_items(
     per_message: int | None,
     idle_timeout_s: float | None,
     force: bool,
+    inputs_file: str | None = None,
 ) -> BulkRun:
-    """A run over prepared items. ``source`` names the inputs (else a digest of the items)."""
+    """A run over prepared items. ``source`` names the inputs (else a digest of the items);
+    ``inputs_file``, the manifest they were read from (shown by ``blipq status``)."""
     if not items:
         raise BulkError("nothing to run: no items")
     source = source or content_digest(items)
@@ -344,6 +347,7 @@ def run_items(
         items,
         fingerprint=digest(identity),
         description=description,
+        inputs_file=inputs_file,
         handled=handled,
         max_pending=max_pending,
         chunk=chunk,

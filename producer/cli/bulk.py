@@ -182,6 +182,7 @@ def cmd_bulk(args: argparse.Namespace, make_client: ClientFactory) -> int:
                 per_message=args.per_message,
                 idle_timeout_s=args.idle_timeout,
                 force=args.force,
+                inputs_file=str(Path(args.manifest).resolve()) if args.manifest else None,
             )
         except BulkError as exc:
             print(f"blipq bulk: {exc}", file=sys.stderr)
@@ -286,10 +287,12 @@ def describe_status(status: RunStatus, now: float | None = None) -> str:
     created = time.strftime(
         "%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(meta.get("created_at") or 0))
     )
+    manifest = [f"manifest  {meta['inputs_file']}"] if meta.get("inputs_file") else []
     return "\n".join(
         [
             f"run       {status.run_id}",
             f"inputs    {meta.get('description', '?')}",
+            *manifest,
             f"state     {state}",
             f"progress  {render_progress(status.progress(now))}",
             f"created   {created}",

@@ -239,6 +239,8 @@ def test_cli_vqa_manifest_to_csv_and_match_prefix_to_parquet(
     assert json.loads(answers["q1"]["output"])["question"] == "what color is it?"
     status = json.loads(blipq("status", "vqa-manifest-1", "--json", env=env).stdout)
     assert (status["state"], status["progress"]["failed"]) == ("complete", 1)
+    shown = blipq("status", "vqa-manifest-1", env=env).stdout
+    assert re.search(rf"manifest\s+{re.escape(str(manifest.resolve()))}", shown), shown
 
     out_parquet = tmp_path / "scores.parquet"
     done = blipq(
