@@ -38,6 +38,16 @@ def backend_url(settings: ClientSettings, plain: str, sentinel: str) -> str:
     return f"{cls}+{settings.redis_url}"
 
 
+def is_amqp(url: str) -> bool:
+    return url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+def queue_arguments(settings: ClientSettings) -> dict[str, Any] | None:
+    """How every blipq queue is declared: on RabbitMQ, a quorum queue (replicated, durable,
+    with the broker's own delivery count); on Redis, as kombu does."""
+    return {"x-queue-type": "quorum"} if is_amqp(settings.effective_broker_url) else None
+
+
 def sentinel_options(settings: ClientSettings) -> dict[str, Any]:
     """What kombu's and Celery's Sentinel support need beside the URL: the master's name."""
     return {"master_name": settings.redis_master_name} if settings.redis_master_name else {}
@@ -59,6 +69,13 @@ def celery_config(settings: ClientSettings) -> dict[str, Any]:
         "result_expires": settings.result_expires_s,
         "task_create_missing_queues": True,
         "broker_connection_retry_on_startup": True,
+        # RabbitMQ: the queues a producer creates when it sends (and the worker declares) are
+        # quorum queues; both sides must declare them alike.
+        **(
+            {"task_create_missing_queue_type": "quorum", "task_default_queue_type": "quorum"}
+            if is_amqp(settings.effective_broker_url)
+            else {}
+        ),
         "result_extended": False,
     }
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -65,4 +67,68 @@ def test_caption_jobs_through_rabbitmq(
         assert worker.stop() == 0, worker.log()[-3000:]
         redis_server.close()
         with Connection(amqp_url) as conn:  # the model's queue, left on the shared broker
+            conn.default_channel.queue_delete(f"blipq.{name}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_quorum_queue_and_a_worker_killed_mid_run_loses_nothing(
+    amqp_url: str,
+    s3_server: EmbeddedS3,
+    s3,  # type: ignore[no-untyped-def]
+) -> None:
+    """The worker declares a quorum queue; a worker SIGKILLed while it holds messages loses
+    none of them (RabbitMQ requeues what a dead connection held unacknowledged)."""
+    import redis
+    from amqp.exceptions import PreconditionFailed
+
+    from producer.protocol.keys import RESULTS_STREAM
+
+    redis_server = EmbeddedRedis().start()
+    s3.create_bucket(Bucket="quorum")
+    for index, data in enumerate(sample_jpegs(4, seed=82)):
+        s3.put_object(Bucket="quorum", Key=f"{index}.jpg", Body=data)
+    name = f"quorum-{uuid.uuid4().hex[:6]}"
+    env = worker_env(
+        redis_server,
+        s3_server,
+        {name: {"source": "null", "family": "null"}},  # type: ignore[dict-item]
+        BLIPQ_BROKER_URL=amqp_url,
+        BLIPQ_LOG_EVERY_TASK="false",
+        BLIPQ_WARMUP="false",
+        BLIPQ_MAX_WAIT_MS="200",
+    )
+    worker = WorkerProcess(env, cwd=REPO).start()
+    try:
+        # A quorum queue: declaring it as a classic one is refused.
+        with Connection(amqp_url) as conn, pytest.raises(PreconditionFailed, match="x-queue-type"):
+            conn.channel().queue_declare(
+                f"blipq.{name}",
+                durable=True,
+                auto_delete=False,
+                arguments={"x-queue-type": "classic"},
+            )
+        with Client(redis_url=redis_server.url, broker_url=amqp_url) as client:
+            jobs = [CaptionJob(image=f"s3://quorum/{i % 4}.jpg", model=name) for i in range(400)]
+            ids = client.submit_many(jobs)
+            store = redis.Redis.from_url(redis_server.url)
+            keys = [client.sender.result_key(i) for i in ids]
+            deadline = time.monotonic() + 60
+            while sum(v is not None for v in store.mget(keys)) < 50:
+                assert time.monotonic() < deadline, worker.log()[-3000:]
+                time.sleep(0.02)
+            assert worker.proc is not None
+            worker.proc.kill()  # mid-run: it holds prefetched, unacknowledged messages
+            worker.proc.wait()
+            killed_at = sum(v is not None for v in store.mget(keys))
+            worker = WorkerProcess(env, cwd=REPO).start()
+            results = {r.job_id: r for r in client.results(ids, timeout=120)}
+        assert killed_at < len(ids)
+        assert set(results) == set(ids) and all(r.ok for r in results.values())
+        announced = Counter(f[b"job_id"].decode() for _, f in store.xrange(RESULTS_STREAM))
+        assert set(announced) == set(ids) and max(announced.values()) == 1
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
+        redis_server.close()
+        with Connection(amqp_url) as conn:
             conn.default_channel.queue_delete(f"blipq.{name}")

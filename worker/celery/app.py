@@ -16,7 +16,12 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Queue
 
-from producer.protocol.celeryconf import backend_url, celery_config, sentinel_options
+from producer.protocol.celeryconf import (
+    backend_url,
+    celery_config,
+    queue_arguments,
+    sentinel_options,
+)
 from producer.protocol.connect import redis_client
 from producer.protocol.jobs import model_of
 from producer.protocol.keys import TASK_RUN_JOB, queue_for
@@ -33,7 +38,14 @@ def build_config() -> dict[str, Any]:
     settings = get_settings()
     # One queue per served model: a job waits in the queue of the model it names, so it reaches
     # only a worker that serves that model (whatever its kind).
-    queues = [Queue(queue_for(name), routing_key=queue_for(name)) for name in settings.serve]
+    queues = [
+        Queue(
+            queue_for(name),
+            routing_key=queue_for(name),
+            queue_arguments=queue_arguments(settings),
+        )
+        for name in settings.serve
+    ]
     return {
         **celery_config(settings),
         # Celery's Redis backend, storing a job's result, its stream event and the clearing of
