@@ -12,7 +12,8 @@ from typing import Any, Generic, TypeVar
 import torch
 from PIL import Image
 
-from producer.protocol.jobs import AnyJob
+from producer.protocol.errors import JobFailure
+from producer.protocol.jobs import AnyJob, ErrorCode
 from worker.models.resize import resized_uint8
 from worker.settings import ModelSpec, Settings
 
@@ -189,3 +190,20 @@ def strip_pad(ids: list[int], pad: int) -> list[int]:
     while end > 0 and ids[end - 1] == pad:
         end -= 1
     return ids[:end]
+
+
+def text_positions(config: Any) -> int | None:
+    """The text positions of a BLIP model's text transformer (``None`` if its config has none)."""
+    text = getattr(config, "text_config", config)
+    positions = getattr(text, "max_position_embeddings", None)
+    return int(positions) if isinstance(positions, int) else None
+
+
+def check_tokens(model: str, what: str, tokens: int, limit: int | None, fix: str) -> None:
+    """Refuse with ``invalid_job`` what would not fit the model's text positions: checked in a
+    runner's ``prepare``, before batching, so it fails alone and never as a tensor error."""
+    if limit is not None and tokens > limit:
+        raise JobFailure(
+            f"{what} is {tokens} tokens, over model {model!r}'s limit of {limit}; {fix}",
+            code=ErrorCode.INVALID_JOB,
+        )

@@ -12,7 +12,14 @@ from PIL import Image
 
 from producer.protocol.jobs import CaptionJob, CaptionOutput
 from worker.models import capfilt
-from worker.models.base import ModelRunner, load_blip_processor, stack_pixels, strip_pad
+from worker.models.base import (
+    ModelRunner,
+    check_tokens,
+    load_blip_processor,
+    stack_pixels,
+    strip_pad,
+    text_positions,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +68,17 @@ class CaptionRunner(ModelRunner[CaptionJob]):
         return job.scorer or default
 
     def prepare(self, job: CaptionJob, image: Image.Image) -> CaptionItem:
-        pixels = self.pixels(self.image_processor, image)
+        prompt_len = 1  # the [DEC] token generate starts from
         if job.prompt is not None:
-            self._encode_prompt(job.prompt)
+            prompt_len = int(self._encode_prompt(job.prompt)["input_ids"].shape[1]) - 1
+        check_tokens(
+            self.name,
+            f"the prompt ({prompt_len} tokens) with max_new_tokens={job.max_new_tokens}",
+            prompt_len + job.max_new_tokens,
+            text_positions(self.model.config),
+            "shorten the prompt or lower max_new_tokens",
+        )
+        pixels = self.pixels(self.image_processor, image)
         scorer_pixels = None
         if job.candidates:
             scorer = capfilt.resolve_scorer(self.peers, self._scorer_name(job))

@@ -32,8 +32,10 @@ from worker.models import moderation
 from worker.models.base import (
     ModelRunner,
     Placement,
+    check_tokens,
     load_blip_processor,
     stack_pixels,
+    text_positions,
 )
 from worker.settings import ModelSpec, Settings
 
@@ -110,6 +112,9 @@ class MatchRunner(ModelRunner[MatchJob | ModerationJob]):
         if isinstance(job, ModerationJob):
             return ModerationItem(self.pixels(self.image_processor, image), self._policy(job), job)
         ids = [self.tokenizer(text)["input_ids"] for text in job.texts]
+        limit = text_positions(self.model.config)
+        for index, text_ids in enumerate(ids):
+            check_tokens(self.name, f"text {index}", len(text_ids), limit, "shorten it")
         return MatchItem(self.pixels(self.image_processor, image), ids, list(job.texts))
 
     def _policy(self, job: ModerationJob) -> moderation.Policy:

@@ -9,7 +9,14 @@ import torch
 from PIL import Image
 
 from producer.protocol.jobs import VqaJob, VqaOutput
-from worker.models.base import ModelRunner, load_blip_processor, stack_pixels, strip_pad
+from worker.models.base import (
+    ModelRunner,
+    check_tokens,
+    load_blip_processor,
+    stack_pixels,
+    strip_pad,
+    text_positions,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +47,15 @@ class VqaRunner(ModelRunner[VqaJob]):
 
     def prepare(self, job: VqaJob, image: Image.Image) -> VqaItem:
         ids = self.tokenizer(job.question, return_tensors="pt")["input_ids"][0]
+        limit = text_positions(self.model.config)
+        check_tokens(self.name, "the question", int(ids.shape[0]), limit, "shorten it")
+        check_tokens(
+            self.name,
+            f"the answer (its start token and max_new_tokens={job.max_new_tokens})",
+            1 + job.max_new_tokens,
+            limit,
+            "lower max_new_tokens",
+        )
         return VqaItem(self.pixels(self.image_processor, image), ids, job)
 
     def group_key(self, item: VqaItem) -> Hashable:
