@@ -132,3 +132,66 @@ def test_quorum_queue_and_a_worker_killed_mid_run_loses_nothing(
         redis_server.close()
         with Connection(amqp_url) as conn:
             conn.default_channel.queue_delete(f"blipq.{name}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_poison_drill_on_a_quorum_queue(
+    amqp_url: str,
+    s3_server: EmbeddedS3,
+    s3,  # type: ignore[no-untyped-def]
+) -> None:
+    """A job that kills its worker every time, on RabbitMQ: started BLIPQ_MAX_DELIVERIES times
+    (RabbitMQ requeues it when its worker's connection dies), then a poison result and one
+    dead-letter record; the jobs around it complete."""
+    import json
+
+    import redis
+
+    from producer import ErrorCode
+    from producer.protocol.keys import DEAD_LETTER, RESULTS_STREAM
+    from tests.e2e.test_poison_e2e import Supervisor
+
+    redis_server = EmbeddedRedis().start()
+    s3.create_bucket(Bucket="quorum-drill")
+    for index, data in enumerate(sample_jpegs(3, seed=83)):
+        s3.put_object(Bucket="quorum-drill", Key=f"{index}.jpg", Body=data)
+    s3.put_object(Bucket="quorum-drill", Key="poison-pill.jpg", Body=sample_jpegs(1, seed=84)[0])
+    name = f"drill-{uuid.uuid4().hex[:6]}"
+    env = worker_env(
+        redis_server,
+        s3_server,
+        {name: {"source": "null", "family": "null", "crash_on": "poison-pill"}},  # type: ignore[dict-item]
+        BLIPQ_BROKER_URL=amqp_url,
+        BLIPQ_MAX_DELIVERIES="3",
+        BLIPQ_MAX_WAIT_MS="20",
+        BLIPQ_WARMUP="false",
+    )
+    supervisor = Supervisor(env)
+    store = redis.Redis.from_url(redis_server.url)
+    try:
+        with Client(redis_url=redis_server.url, broker_url=amqp_url) as client:
+            jobs = [
+                CaptionJob(image=f"s3://quorum-drill/{i % 3}.jpg", model=name) for i in range(20)
+            ]
+            before = client.submit_many(jobs)
+            poison_id = client.submit(
+                CaptionJob(image="s3://quorum-drill/poison-pill.jpg", model=name)
+            )
+            after = client.submit_many(jobs)
+            ids = [*before, poison_id, *after]
+            results = {r.job_id: r for r in client.results(ids, timeout=150)}
+    finally:
+        code = supervisor.stop()
+        with Connection(amqp_url) as conn:
+            conn.default_channel.queue_delete(f"blipq.{name}")
+    poisoned = results.pop(poison_id)
+    assert poisoned.error is not None and poisoned.error.code is ErrorCode.POISON, poisoned
+    assert supervisor.deaths == [-9] * 3, supervisor.deaths
+    assert len(results) == 40 and all(r.ok for r in results.values())
+    events = Counter(f[b"job_id"].decode() for _, f in store.xrange(RESULTS_STREAM))
+    assert set(events) == set(ids) and max(events.values()) == 1
+    dead = [json.loads(raw) for raw in store.lrange(DEAD_LETTER, 0, -1)]
+    assert [d["job_id"] for d in dead] == [poison_id]
+    assert code == 0
+    redis_server.close()
