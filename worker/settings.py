@@ -245,7 +245,8 @@ class Settings(ClientSettings):
         default=3,
         ge=1,
         le=100,
-        description="Starts without finishing before a job is declared poison and dead-lettered.",
+        description="Deaths of a job running alone (quarantined after a first start that did "
+        "not finish) before it is declared poison and dead-lettered.",
     )
 
     @field_validator("model_dirs", "policy_dirs")

@@ -65,12 +65,13 @@ def test_a_job_is_announced_once_even_if_it_finishes_twice(
 def test_poison_job_is_dead_lettered_after_bounded_deliveries(
     caption_worker: WorkerProcess, client: Client, redis_client: redis.Redis
 ) -> None:
-    # Simulate the history of a job that killed its worker three times: three unfinished starts.
+    # Simulate the history of a job that killed its worker on its first start (a suspect) and
+    # then three times running alone: four unfinished starts.
     # (A quick check of the decision; test_poison_e2e.py has the real thing: a job that SIGKILLs
     # its worker every time, restarted workers, redelivery by the visibility timeout.)
     job = CaptionJob(image="s3://poison/a.jpg", model="tiny-caption")
     job_id = "poison-job-1"
-    redis_client.set(DELIVERIES_KEY.format(job_id=job_id), 3)
+    redis_client.set(DELIVERIES_KEY.format(job_id=job_id), 4)
     client.submit(job, job_id=job_id)
     result = client.result(job_id, timeout=60)
     assert result.error is not None and result.error.code is ErrorCode.POISON

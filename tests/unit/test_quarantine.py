@@ -96,3 +96,14 @@ def test_an_exception_releases_the_quarantine() -> None:
         except RuntimeError:
             pass
         assert q.state() == (0, False, 0)
+
+
+def test_only_deaths_running_alone_count_toward_poison() -> None:
+    from worker.delivery.policy import DeliveryPolicy
+
+    policy = DeliveryPolicy(max_attempts=3, max_deliveries=3, worker="w")
+    # 1 unfinished start: the first, in a batch: a suspect. 2-3: one or two deaths alone.
+    assert [policy.is_poison(starts) for starts in range(5)] == [False] * 4 + [True]
+    result, reason = policy.poison("job-1", {"kind": "caption"}, 4)
+    assert result.error is not None and result.error.code == "poison"
+    assert "died 3 times running alone" in reason

@@ -3,9 +3,10 @@
 ``blipq.run_job`` runs one job; ``blipq.run_chunk`` the jobs of a chunk message (through the
 process's ``ChunkRunner``). Both follow one ``DeliveryPolicy``: transient failures retried with
 backoff, then answered; a job whose earlier starts did not finish is a suspect, run alone, and
-poison after ``max_deliveries`` starts. A job whose result is an error raises ``JobFailed`` with
-it, so that Celery stores, reports and counts it as a failure (``task-failed``, Flower's
-Failed, ``AsyncResult.state == "FAILURE"``); the stored record carries the JobResult.
+poison after dying ``max_deliveries`` times alone. A job whose result is an error raises
+``JobFailed`` with it, so that Celery stores, reports and counts it as a failure
+(``task-failed``, Flower's Failed, ``AsyncResult.state == "FAILURE"``); the stored record
+carries the JobResult.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The one delivery policy of single jobs and of the jobs of chunk messages.
 
 A transient failure (the object store unreachable) is tried again after a capped exponential
-backoff, up to ``s3_max_attempts`` tries, then answered ``storage_unavailable``; a job whose
-earlier starts did not finish ``max_deliveries`` times is poison: dead-lettered and answered
-``poison``, never run again.
+backoff, up to ``s3_max_attempts`` tries, then answered ``storage_unavailable``. A job is judged
+on its own deaths: a first start that did not finish (in a batch, perhaps beside the job that
+really killed the worker) makes it a suspect, which then runs alone; a job that died
+``max_deliveries`` times running alone is poison: dead-lettered and answered ``poison``, never
+run again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class DeliveryPolicy:
     max_attempts: int
     """Tries of a transiently failing job (``s3_max_attempts``)."""
     max_deliveries: int
-    """Unfinished starts after which a job is poison (``max_deliveries``)."""
+    """Deaths running alone after which a job is poison (``max_deliveries``)."""
     worker: str
     """The worker's name, in the results this policy writes."""
 
@@ -50,15 +52,22 @@ class DeliveryPolicy:
         )
 
     def is_poison(self, earlier_starts: int) -> bool:
-        return earlier_starts >= self.max_deliveries
+        return alone_deaths(earlier_starts) >= self.max_deliveries
 
     def poison(self, job_id: str, payload: object, starts: int) -> tuple[JobResult, str]:
         """The answer of a poison job, and the reason recorded with it on the dead-letter list."""
         reason = (
-            f"started {starts} times without finishing (it kills or stalls workers); "
+            f"died {alone_deaths(starts)} times running alone, after a first start that did "
+            "not finish either (it kills or stalls workers); "
             f"not run again, payload moved to the {DEAD_LETTER} list"
         )
         result = JobResult.failure(
             job_id, kind_of(payload), ErrorCode.POISON, reason, worker=self.worker
         )
         return result, reason
+
+
+def alone_deaths(earlier_starts: int) -> int:
+    """Deaths of a job while it ran alone, from its unfinished starts: every start after the
+    first runs alone (quarantine), so all but the first count against the job."""
+    return max(0, earlier_starts - 1)
