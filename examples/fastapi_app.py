@@ -14,9 +14,14 @@
     never submitted (or whose result has expired). ``wait`` long-polls up to S seconds
     (at most ``BLIPQ_WEB_MAX_WAIT_S``) before answering 202.
 ``GET /events[?job_id=...&job_id=...]``
-    Server-sent events: one ``result`` event per finished job (``id:`` the results-stream entry
-    id, ``data:`` the JobResult as JSON), optionally only for the given job ids; a comment
-    (``: connected``) when the stream opens and ``: keepalive`` every ``BLIPQ_WEB_KEEPALIVE_S``.
+    Server-sent events (sse-starlette): one ``result`` event per finished job (``id:`` the
+    results-stream entry id, ``data:`` the JobResult as JSON), optionally only for the given job
+    ids; a comment (``: connected``) when the stream opens and ``: keepalive`` every
+    ``BLIPQ_WEB_KEEPALIVE_S``. A client that reconnects with ``Last-Event-ID`` (browsers'
+    EventSource do) first gets the events after that id, replayed from the results stream, then
+    the live ones, none twice. Open streams end when the server shuts down, so SIGTERM does not
+    wait for clients to hang up. ``BLIPQ_WEB_CORS_ORIGINS`` (a JSON list) allows browsers on
+    other origins.
 ``GET /health``
     Redis reachable, and the queue depths.
 
@@ -30,6 +35,7 @@ replays the events it had not acknowledged.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import uuid
@@ -39,14 +45,18 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producer import AsyncClient, ResultTimeout
 from producer.client.stream import StreamEvent
-from producer.protocol.jobs import Job
+from producer.protocol.jobs import Job, decode_result
+from producer.protocol.keys import RESULTS_STREAM
 from producer.protocol.settings import ClientSettings
 
 log = logging.getLogger("blipq.web")
@@ -71,6 +81,13 @@ class WebSettings(BaseSettings):
     keepalive_s: float = Field(default=15.0, gt=0, description="SSE keepalive comment interval.")
     queue_size: int = Field(
         default=1000, ge=1, description="Events buffered per SSE connection; the oldest go first."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description='Origins allowed to call the API from a browser (JSON: ["https://a.example"]).',
+    )
+    replay_max: int = Field(
+        default=10_000, ge=0, description="Most events replayed to a client after Last-Event-ID."
     )
 
 
@@ -148,6 +165,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(title="blipq example", lifespan=lifespan)
 
 
+class ConfiguredCors:
+    """CORS for ``BLIPQ_WEB_CORS_ORIGINS``, read when the server builds its middleware (at its
+    first request), not at import; no origins, no CORS headers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        origins = WebSettings().cors_origins
+        self.app: ASGIApp = app
+        if origins:
+            self.app = CORSMiddleware(
+                app,
+                allow_origins=origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Content-Type", "Last-Event-ID"],
+            )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(ConfiguredCors)
+
+
 def _state(request: Request) -> State:
     state: State = request.app.state.blipq
     return state
@@ -182,31 +221,68 @@ async def get_job(
     return JSONResponse({"detail": f"unknown job {job_id}"}, status_code=404)
 
 
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def _replay(state: State, after: str) -> list[StreamEvent]:
+    """The results-stream events after ``after`` (a Last-Event-ID), oldest first."""
+    try:
+        _stream_id(after)
+    except ValueError:
+        return []  # not a stream entry id: nothing to replay
+    entries: Any = await state.redis.xrange(
+        RESULTS_STREAM, min=f"({after}", count=state.settings.replay_max
+    )
+    replayed = []
+    for entry_id, fields in entries or []:
+        try:
+            result = decode_result(json.loads(fields[b"result"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        replayed.append(StreamEvent(text, result))
+    return replayed
+
+
+def _sse(event: StreamEvent) -> ServerSentEvent:
+    return ServerSentEvent(id=event.id, event="result", data=event.result.model_dump_json())
+
+
 @app.get("/events")
 async def events(
-    request: Request, job_id: Annotated[list[str] | None, Query()] = None
-) -> StreamingResponse:
+    request: Request,
+    job_id: Annotated[list[str] | None, Query()] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
     state = _state(request)
     wanted = set(job_id or ())
-    queue = state.hub.subscribe()
+    queue = state.hub.subscribe()  # before the replay: nothing falls between the two
 
-    async def body() -> AsyncIterator[str]:
+    async def body() -> AsyncIterator[ServerSentEvent]:
         try:
-            yield ": connected\n\n"
+            yield ServerSentEvent(comment="connected")
+            newest = (0, 0)
+            for event in await _replay(state, last_event_id) if last_event_id else []:
+                newest = _stream_id(event.id)
+                if not wanted or event.result.job_id in wanted:
+                    yield _sse(event)
             while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), state.settings.keepalive_s)
-                except TimeoutError:
-                    yield ": keepalive\n\n"
-                    continue
-                if wanted and event.result.job_id not in wanted:
-                    continue
-                yield f"id: {event.id}\nevent: result\ndata: {event.result.model_dump_json()}\n\n"
+                event = await queue.get()
+                if _stream_id(event.id) <= newest:
+                    continue  # replayed already
+                if not wanted or event.result.job_id in wanted:
+                    yield _sse(event)
         finally:
             state.hub.unsubscribe(queue)
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return EventSourceResponse(
+        body(),
+        ping=state.settings.keepalive_s,
+        ping_message_factory=lambda: ServerSentEvent(comment="keepalive"),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @app.get("/health")
