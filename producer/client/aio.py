@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
-from producer.client.stream import StreamCursor, StreamEvent, group_exists, start_id
+from producer.client.stream import StreamCursor, StreamEvent
 from producer.client.sync import Client
 from producer.client.waiting import SWEEP_S
 from producer.protocol.errors import ResultTimeout
@@ -167,19 +166,11 @@ class AsyncClient:
         As ``Client.stream``: at-least-once and resumable; an event is acknowledged when the next
         one is requested, and a restarted consumer first gets back what it had not finished.
         """
-        try:
-            await self._redis.xgroup_create(
-                RESULTS_STREAM, group, id=start_id(from_start), mkstream=True
-            )
-        except redis.ResponseError as exc:
-            if not group_exists(exc):
-                raise
-        cursor = StreamCursor(idle_stop)
+        cursor = StreamCursor(group, consumer, RESULTS_STREAM, count, block_ms, idle_stop)
+        with cursor.group_may_exist():
+            await self._redis.xgroup_create(**cursor.group_args(from_start))
         while True:
-            batch: Any = await self._redis.xreadgroup(
-                group, consumer, {RESULTS_STREAM: cursor.position}, count=count, block=block_ms
-            )
-            events = cursor.events(batch)
+            events = cursor.events(await self._redis.xreadgroup(**cursor.read_args()))
             if events is None:
                 return
             for event in events:

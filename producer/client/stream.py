@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,23 +25,39 @@ class StreamEvent:
     result: JobResult
 
 
-def start_id(from_start: bool) -> str:
-    """Where a new consumer group starts: the stream's first entry, or what comes next."""
-    return "0" if from_start else "$"
-
-
-def group_exists(exc: redis.ResponseError) -> bool:
-    """Whether XGROUP CREATE failed only because the group is there already."""
-    return "BUSYGROUP" in str(exc)
-
-
 @dataclass
 class StreamCursor:
-    """What one consumer reads next: ``"0"`` (its own pending entries) until they run out,
-    then ``">"`` (entries never delivered to the group)."""
+    """One consumer of a consumer group on a results stream: the reading logic both clients
+    share. It reads ``"0"`` (its own pending entries) until they run out, then ``">"``
+    (entries never delivered to the group)."""
 
+    group: str
+    consumer: str
+    stream: str = RESULTS_STREAM
+    count: int = 100
+    block_ms: int = 1000
     idle_stop: bool = False
     position: str = "0"
+
+    def group_args(self, from_start: bool) -> dict[str, Any]:
+        """XGROUP CREATE's arguments: the group starts at the first entry, or what comes next."""
+        return {"name": self.stream, "groupname": self.group, "id": "0" if from_start else "$",
+                "mkstream": True}  # fmt: skip
+
+    @contextmanager
+    def group_may_exist(self) -> Iterator[None]:
+        """Around XGROUP CREATE: a group that is there already is fine."""
+        try:
+            yield
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read_args(self) -> dict[str, Any]:
+        """XREADGROUP's arguments for the next read."""
+        return {"groupname": self.group, "consumername": self.consumer,
+                "streams": {self.stream: self.position}, "count": self.count,
+                "block": self.block_ms}  # fmt: skip
 
     def events(self, batch: Any) -> list[StreamEvent] | None:
         """The events of one XREADGROUP reply; None when the follow ends (``idle_stop`` and a
@@ -74,19 +91,10 @@ def follow(
     read first), so processing is at-least-once. ``idle_stop`` ends the iteration when a read
     finds nothing (for batch jobs and tests); otherwise it follows forever.
     """
-    try:
-        client.xgroup_create(stream, group, id=start_id(from_start), mkstream=True)
-    except redis.ResponseError as exc:
-        if not group_exists(exc):
-            raise
-    cursor = StreamCursor(idle_stop)
-    while True:
-        batch: Any = client.xreadgroup(
-            group, consumer, {stream: cursor.position}, count=count, block=block_ms
-        )
-        events = cursor.events(batch)
-        if events is None:
-            return
+    cursor = StreamCursor(group, consumer, stream, count, block_ms, idle_stop)
+    with cursor.group_may_exist():
+        client.xgroup_create(**cursor.group_args(from_start))
+    while (events := cursor.events(client.xreadgroup(**cursor.read_args()))) is not None:
         for event in events:
             yield event
             client.xack(stream, group, event.id)
