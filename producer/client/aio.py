@@ -17,11 +17,11 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import redis
-import redis.asyncio as aioredis
 
 from producer.client.stream import StreamCursor, StreamEvent
 from producer.client.sync import Client
 from producer.client.waiting import SWEEP_S
+from producer.protocol.connect import async_redis_client
 from producer.protocol.errors import ResultTimeout
 from producer.protocol.jobs import AnyJob, JobResult
 from producer.protocol.keys import RESULTS_STREAM, text
@@ -45,7 +45,7 @@ class AsyncClient:
         self._sync = Client(redis_url, broker_url=broker_url, settings=settings)
         self.settings = self._sync.settings
         self._sender = self._sync.sender
-        self._redis = aioredis.Redis.from_url(self.settings.redis_url)
+        self._redis = async_redis_client(self.settings.redis_url, self.settings.redis_master_name)
 
     @classmethod
     def from_env(cls) -> AsyncClient:

@@ -11,6 +11,7 @@ still end with one result and one stream event.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import tempfile
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import CaptionJob, Client
+from producer import AsyncClient, CaptionJob, Client, JobResult
 from producer.cli.embedded import (
     EmbeddedRedis,
     EmbeddedS3,
@@ -138,6 +139,12 @@ def _submit(client: Client, pending: list[tuple[CaptionJob, str]], done: threadi
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+async def _peek(url: str, job_ids: list[str]) -> list[JobResult | None]:
+    settings = ClientSettings(redis_url=url, redis_master_name=MASTER)
+    async with AsyncClient(settings=settings) as client:
+        return [await client.peek(job_id) for job_id in job_ids]
+
+
 def test_primary_killed_mid_run_fails_over_and_loses_nothing(
     replicated: tuple[EmbeddedRedis, EmbeddedRedis, Sentinels], s3_server: EmbeddedS3
 ) -> None:
@@ -206,6 +213,9 @@ def test_primary_killed_mid_run_fails_over_and_loses_nothing(
         assert sentinels.master_port() == replica.port
         results = [r for r in client.results(ids, timeout=30)]
         events = store.xrange(RESULTS_STREAM)
+        # AsyncClient reaches the promoted primary through the Sentinels too.
+        peeked = asyncio.run(_peek(sentinels.url, ids[:5]))
+        assert [r.job_id for r in peeked if r is not None and r.ok] == ids[:5]
     finally:
         client.close()
         code = worker.stop()
