@@ -18,11 +18,13 @@ Producer side only: no torch, no worker code; the parsing and the progress math 
 
 Modules: ``inputs`` (items, manifests), ``s3`` (prefix listing), ``run_ids``, ``progress``,
 ``state`` (Redis), ``run`` (``BulkRun``, waiting with ``producer.client.waiting``), ``outputs``
-(result files). The public names are re-exported here; the commands are ``producer.cli.bulk``.
+(result files), ``cancel`` (a stopped run's queued jobs taken back). The public names are
+re-exported here; the commands are ``producer.cli.bulk``.
 """
 
 from __future__ import annotations
 
+from producer.bulk.cancel import Cancelled, cancel_run
 from producer.bulk.errors import BulkError, BulkStalled
 from producer.bulk.inputs import (
     BulkItem,
@@ -62,6 +64,7 @@ __all__ = [
     "BulkResult",
     "BulkRun",
     "BulkStalled",
+    "Cancelled",
     "CsvWriter",
     "JsonlWriter",
     "ManifestFormat",
@@ -73,6 +76,7 @@ __all__ = [
     "RunStatus",
     "S3Settings",
     "build_job",
+    "cancel_run",
     "check_run_id",
     "compute_progress",
     "content_digest",

@@ -15,6 +15,7 @@ from redis.typing import EncodableT, FieldT
 
 from producer.bulk.errors import BulkError
 from producer.bulk.progress import Progress, compute_progress
+from producer.protocol import ledger
 from producer.protocol.keys import (
     BULK_DONE_KEY,
     BULK_JOBS_KEY,
@@ -70,6 +71,11 @@ class RunStatus:
     @property
     def state(self) -> str:
         return self.meta.get("state", "unknown")
+
+    @property
+    def cancelled(self) -> int:
+        """Items whose queued jobs ``blipq bulk cancel`` removed since the run last started."""
+        return int(self._num("cancelled"))
 
     def progress(self, now: float | None = None) -> Progress:
         done = int(self._num("done"))
@@ -145,6 +151,7 @@ class RunState:
             runner=self.token,
             session_started_at=f"{now:.3f}",
             session_done_base=str(done),
+            cancelled="0",  # this start sends the cancelled items again
             updated_at=f"{now:.3f}",
         )
         pipe.hset(self.meta_key, mapping=fields)
@@ -180,6 +187,17 @@ class RunState:
             keys=[self.done_key, self.meta_key, self.jobs_key], args=args
         )
         return int(new_done), int(new_failed)
+
+    def mark_cancelled(self, items: Sequence[str], forget: Sequence[str]) -> None:
+        """Record items whose queued jobs were removed: no longer submitted (the next start sends
+        them again), counted as ``cancelled``; their jobs (``forget``) leave the ledger."""
+        pipe = self.redis.pipeline()
+        for job_id in forget:
+            ledger.forget(pipe, job_id)
+        if items:
+            pipe.hdel(self.jobs_key, *items)
+            pipe.hincrby(self.meta_key, "cancelled", len(items))
+        pipe.execute()
 
     def heartbeat(self, state: str = "running") -> None:
         now = time.time()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from producer.bulk.cancel import cancel_run
 from producer.bulk.errors import BulkError, BulkStalled
 from producer.bulk.inputs import BulkItem, items_from, manifest_format, read_manifest
 from producer.bulk.outputs import ResultWriter, open_writer
@@ -82,6 +83,18 @@ def add_commands(sub: Any, make_client: ClientFactory) -> None:
                 flag, dest=f"job_{field}", default=None, metavar=metavar, **keywords
             )
         parser.set_defaults(func=lambda args: cmd_bulk(args, make_client))
+    cancel = kinds.add_parser(
+        "cancel",
+        help="take a stopped run's queued jobs back",
+        description="Remove a stopped run's still-queued jobs from the broker (Redis) and the "
+        "job ledger, and mark their items cancelled; jobs a worker has taken finish normally. "
+        "Run the same `blipq bulk` command again to resume: it sends the cancelled items again.",
+    )
+    cancel.add_argument("run_id", help="the run id `blipq bulk` printed")
+    cancel.add_argument(
+        "--force", action="store_true", help="cancel even while a runner holds the run"
+    )
+    cancel.set_defaults(func=lambda args: cmd_cancel(args, make_client))
 
     status = sub.add_parser(
         "status",
@@ -190,6 +203,21 @@ def cmd_bulk(args: argparse.Namespace, make_client: ClientFactory) -> int:
         return drive(run, writer, out=sys.stderr, quiet=args.quiet)
 
 
+def cmd_cancel(args: argparse.Namespace, make_client: ClientFactory) -> int:
+    with make_client(args) as client:
+        try:
+            done = cancel_run(client.sender, args.run_id, force=args.force)
+        except BulkError as exc:
+            print(f"blipq bulk cancel: {exc}", file=sys.stderr)
+            return 2
+    print(f"run {done.run_id}: cancelled {done.removed} queued jobs")
+    if done.in_flight:
+        print(f"{done.in_flight} jobs were not queued (taken by a worker): they finish normally")
+    if done.removed:
+        print("run the same `blipq bulk` command again to resume: it sends them again")
+    return 0
+
+
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}
 
 
@@ -288,6 +316,11 @@ def describe_status(status: RunStatus, now: float | None = None) -> str:
         "%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(meta.get("created_at") or 0))
     )
     manifest = [f"manifest  {meta['inputs_file']}"] if meta.get("inputs_file") else []
+    cancelled = (
+        [f"cancelled {status.cancelled} queued jobs removed; start the run again to resume"]
+        if status.cancelled
+        else []
+    )
     return "\n".join(
         [
             f"run       {status.run_id}",
@@ -295,6 +328,7 @@ def describe_status(status: RunStatus, now: float | None = None) -> str:
             *manifest,
             f"state     {state}",
             f"progress  {render_progress(status.progress(now))}",
+            *cancelled,
             f"created   {created}",
         ]
     )
@@ -330,6 +364,7 @@ def cmd_status(args: argparse.Namespace, make_client: ClientFactory) -> int:
                 "submitted": progress.submitted,
                 "done": progress.done,
                 "failed": progress.failed,
+                "cancelled": status.cancelled,
                 "rate": progress.rate,
                 "eta_s": progress.eta_s,
             },
