@@ -58,6 +58,7 @@ from benchmarks.modes import (
     SeedLoop,
     s3_client,
 )
+from benchmarks.processes import FloorMulti, ProcessCpu, S3Address, ms_per_image
 
 GOALS = {
     "blipq/bare": (">=", 0.90),
@@ -114,6 +115,15 @@ class Options:
         return device, dtype
 
     json_path: Path | None
+    sim_ms: float | None = None
+    sim_batch: int | None = None
+    floor_multi: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def sim_capacity(self) -> float:
+        """The emulated device's images/s: BATCH images per MS milliseconds."""
+        assert self.sim_ms is not None and self.sim_batch is not None
+        return self.sim_batch * 1000 / self.sim_ms
 
     @property
     def generate_kwargs(self) -> dict[str, Any]:
@@ -146,6 +156,8 @@ class Report:
     gpu: dict[str, Any] = field(default_factory=dict)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
     goals: list[dict[str, Any]] = field(default_factory=list)
+    cpu_ms_per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per blipq mode, CPU ms per image of each worker process (and the model thread)."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -500,11 +512,18 @@ def bench_null(report: Report, opts: Options, servers: Servers) -> None:
             same_code.keys = keys
             same_code.warm()
             modes.insert(1, same_code)
+            multi = _floor_multi(report, opts, servers, meter)
+            if multi is not None:
+                modes.insert(2, multi)
             samples = rounds(modes, todo, opts.rounds, meter)
             threads = {"threads": floor.threads}
             _record(report, samples, {"floor": threads, same_code.name: threads})
             _ratio(report, samples, "blipq_null", "floor")
             _ratio(report, samples, "blipq_null", same_code.name)
+            if multi is not None:
+                _ratio(report, samples, "blipq_null", multi.name)
+                report.modes[multi.name]["threads"] = f"{multi.processes}x{multi.threads}"
+                multi.close()
             report.batch_sizes["blipq_null"] = _histogram(blipq)
             if chunked is not None:
                 _ratio(report, samples, "blipq_null_chunked", "floor")
@@ -512,9 +531,85 @@ def bench_null(report: Report, opts: Options, servers: Servers) -> None:
                 _ratio(report, samples, "blipq_null_chunked", "blipq_null")
                 report.batch_sizes["blipq_null_chunked"] = _histogram(chunked)
                 report.modes["blipq_null_chunked"]["per_message"] = opts.per_message
+            _process_cpu(report, _pid(worker), blipq, todo)
             _log("idle latency: single null jobs (no model time at all)")
             _idle_latency(report, blipq, keys, opts.latency_samples, None)
         report.peak_rss_mib["blipq_null_worker"] = _peak_rss_mib(_pid(worker))
+    finally:
+        code = worker.stop()
+        if code not in (0, None):
+            report.notes.append(f"blipq worker exited {code}; log: {worker.log_path}")
+
+
+def _process_cpu(report: Report, worker_pid: int, blipq: Blipq, todo: list[str]) -> None:
+    """One more run of ``blipq``: CPU ms per image of each of the worker's processes."""
+    cpu = ProcessCpu(worker_pid)
+    before = cpu.snapshot()
+    images = blipq.run(todo)
+    report.cpu_ms_per_image[blipq.name] = ms_per_image(before, cpu.snapshot(), images)
+    _log(f"{blipq.name} CPU ms per image: {report.cpu_ms_per_image[blipq.name]}")
+
+
+def _floor_multi(report: Report, opts: Options, servers: Servers, meter: CpuMeter) -> Any:
+    """Sweep processes x threads of the worker's GET + decode + resize; keep the best."""
+    address = S3Address(servers.s3.endpoint_url, servers.s3.access_key, servers.s3.secret_key)
+    todo = [servers.keys[i % len(servers.keys)] for i in range(opts.jobs)]
+    sweep: dict[str, float] = {}
+    best: tuple[float, FloorMulti] | None = None
+    for processes, threads in opts.floor_multi:
+        floor = FloorMulti(address, processes, threads)
+        floor.keys = servers.keys
+        floor.warm()
+        meter.pids += floor.pids  # its processes' CPU counts with the rest
+        rate = measure(floor, todo, meter).rate
+        sweep[f"{processes}x{threads}"] = round(rate, 2)
+        _log(f"floor_multi sweep: {processes} processes x {threads} threads: {rate:.1f} images/s")
+        if best is None or rate > best[0]:
+            best, floor = (rate, floor), (best[1] if best else None)
+        if floor is not None:
+            meter.pids = [pid for pid in meter.pids if pid not in floor.pids]
+            floor.close()
+    report.sweeps["floor_multi_images_per_s_by_processes_x_threads"] = sweep
+    return None if best is None else best[1]
+
+
+def bench_sim(report: Report, opts: Options, servers: Servers) -> None:
+    """blipq against an emulated accelerator (``--sim-model MS[:BATCH]``)."""
+    from producer import Client
+    from producer.cli.embedded import WorkerProcess
+
+    assert opts.sim_ms is not None and opts.sim_batch is not None
+    keys = servers.keys
+    todo = [keys[i % len(keys)] for i in range(opts.jobs)]
+    meter = CpuMeter()
+    meter.pids += [servers.redis.proc.pid, servers.s3.proc.pid]
+    entry = {"source": f"sim:{opts.sim_ms:g}", "family": "sim"}
+    env = _blipq_env(opts, servers, "sim", entry)
+    # Batches of BATCH, and (by default) 2 x BATCH + 4 threads to fill them.
+    env.setdefault("BLIPQ_MAX_BATCH_SIZE", str(opts.sim_batch))
+    worker = WorkerProcess(env, cwd=REPO).start()
+    try:
+        meter.pids.append(_pid(worker))
+        with Client(redis_url=servers.redis.url) as client:
+            blipq = Blipq("blipq_sim", client, "sim", opts.max_new_tokens, warm_burst=100)
+            blipq.keys = keys
+            blipq.warm()
+            samples = rounds([blipq], todo, opts.rounds, meter)
+            _record(report, samples, {})
+            capacity = opts.sim_capacity
+            per_round = [s.rate / capacity for s in samples["blipq_sim"]]
+            report.ratios["blipq_sim/capacity"] = {
+                "median": round(statistics.median(per_round), 3),
+                "rounds": [round(x, 3) for x in per_round],
+                "cpu_efficiency": None,  # no baseline process to compare CPU with
+            }
+            report.sweeps["sim_model"] = {
+                "ms_per_batch": opts.sim_ms,
+                "batch": opts.sim_batch,
+                "capacity_images_per_s": round(capacity, 1),
+            }
+            report.batch_sizes["blipq_sim"] = _histogram(blipq)
+            _process_cpu(report, _pid(worker), blipq, todo)
     finally:
         code = worker.stop()
         if code not in (0, None):
@@ -568,7 +663,8 @@ def _modes_table(report: Report) -> list[str]:
     out += ["", "| ratio | median of rounds | rounds | CPU-time ratio |", "|---|---:|---|---:|"]
     for name, r in report.ratios.items():
         rounds_ = ", ".join(f"{x:.3f}" for x in r["rounds"])
-        out.append(f"| {name} | {r['median']:.3f} | {rounds_} | {r['cpu_efficiency']:.3f} |")
+        cpu = "-" if r["cpu_efficiency"] is None else f"{r['cpu_efficiency']:.3f}"
+        out.append(f"| {name} | {r['median']:.3f} | {rounds_} | {cpu} |")
     return out
 
 
@@ -601,6 +697,8 @@ def render(report: Report) -> str:
         out.append(f"\n{mode} batches by size: " + ", ".join(f"{k}: {v}" for k, v in hist.items()))
     if report.gpu:
         out.append("GPU: " + ", ".join(f"{k} {v}" for k, v in report.gpu.items()))
+    for mode, cpu in report.cpu_ms_per_image.items():
+        out.append(f"\n{mode} CPU ms per image: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
     if report.peak_rss_mib:
         rss = ", ".join(f"{k} {v:.0f} MiB" for k, v in report.peak_rss_mib.items())
         out.append(f"peak RSS (VmHWM): {rss}")
@@ -661,10 +759,25 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         default="auto",
         help="auto: float16 on CUDA (the model card's GPU recipe), float32 on CPU",
     )
+    add(
+        "--sim-model",
+        metavar="MS[:BATCH]",
+        help="an emulated accelerator: a model family whose batch of at most BATCH items "
+        "(default 16) sleeps MS milliseconds with the GIL released; blipq vs BATCH*1000/MS",
+    )
+    add(
+        "--floor-multi",
+        default="1x16,2x8",
+        help="--null-model: floor_multi sweep, PROCESSESxTHREADS comma-separated (default "
+        "1x16,2x8; '' skips it): the worker's GET + decode + resize in several processes",
+    )
     add("--json", type=Path, help="also write the report as JSON to this path")
     a = parser.parse_args(argv)
+    if a.sim_model and a.null_model:
+        parser.error("--sim-model and --null-model are two benchmarks: give one")
+    sim_ms, sim_batch = _sim_model(parser, a.sim_model) if a.sim_model else (None, None)
     # images, jobs, rounds, latency samples, bare batch sizes
-    if a.null_model:
+    if a.null_model or a.sim_model:
         d = (32, 200, 3, 20, "1") if a.quick else (64, 1000, 5, 50, "1")
     else:
         d = (8, 8, 2, 6, "1,4,8") if a.quick else (32, 32, 3, 30, "1,4,8,16")
@@ -689,7 +802,31 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         device=a.device,
         dtype=a.dtype,
         json_path=a.json,
+        sim_ms=sim_ms,
+        sim_batch=sim_batch,
+        floor_multi=_floor_multi_sweep(parser, a.floor_multi),
     )
+
+
+def _sim_model(parser: argparse.ArgumentParser, value: str) -> tuple[float, int]:
+    ms, _, batch = value.partition(":")
+    try:
+        parsed = float(ms), int(batch or 16)
+    except ValueError:
+        parser.error(f"--sim-model is MS[:BATCH], e.g. 20:32, not {value!r}")
+    if parsed[0] <= 0 or parsed[1] < 1:
+        parser.error(f"--sim-model needs MS > 0 and BATCH >= 1, not {value!r}")
+    return parsed
+
+
+def _floor_multi_sweep(parser: argparse.ArgumentParser, value: str) -> list[tuple[int, int]]:
+    sweep = []
+    for part in filter(None, value.split(",")):
+        p, _, t = part.partition("x")
+        if not (p.isdigit() and t.isdigit() and int(p) >= 1 and int(t) >= 1):
+            parser.error(f"--floor-multi is PROCESSESxTHREADS,..., e.g. 2x8, not {part!r}")
+        sweep.append((int(p), int(t)))
+    return sweep
 
 
 def _upload(s3_server: Any, paths: list[Path]) -> list[str]:
@@ -733,10 +870,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     source = opts.model
-    if not opts.null_model and source is None:
+    if not opts.null_model and opts.sim_ms is None and source is None:
         _log(f"building (or reusing) the random-weight BLIP-{opts.arch} checkpoint")
         source = str(fixtures.blip_random(opts.arch))
-    report.options["model"] = source or "null"
+    report.options["model"] = source or ("null" if opts.null_model else "sim")
     redis_server = EmbeddedRedis().start()
     s3_server = EmbeddedS3().start()
     try:
@@ -744,6 +881,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"uploaded {len(paths)} images of {min(sizes)}-{max(sizes)} KB")
         if opts.null_model:
             bench_null(report, opts, servers)
+        elif opts.sim_ms is not None:
+            bench_sim(report, opts, servers)
         else:
             assert source is not None
             bench_model(report, opts, servers, source, paths)

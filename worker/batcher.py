@@ -114,6 +114,8 @@ class Batcher:
 
     def serve_forever(self) -> None:
         """Run batches until ``stop``; then run what is left (nothing submitted is dropped)."""
+        if threading.current_thread() is not threading.main_thread():
+            name_os_thread(threading.current_thread().name)
         while True:
             with self._cond:
                 taken, wait = self._take(force=self._stopping)
@@ -206,3 +208,15 @@ class Batcher:
                 item.future.set_exception(output)
             else:
                 item.future.set_result(output)
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread its name in the OS too (Linux ``comm``, 15 bytes), so that
+    ``/proc/<pid>/task/*/comm`` tells the model thread apart (its CPU time is measured)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: the name is only for measuring
+        pass

@@ -12,12 +12,8 @@ import logging
 import os
 import socket
 import sys
-import threading
 import time
-from collections import Counter
-from collections.abc import Hashable, Sequence
 from concurrent.futures import TimeoutError as FuturesTimeout
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -26,25 +22,17 @@ import torch
 from producer.protocol.errors import JobFailure, Retryable
 from producer.protocol.jobs import ErrorCode, JobResult, Timings, decode_job
 from worker import images
-from worker.batcher import Batcher, BatchPolicy
 from worker.delivery.policy import DeliveryPolicy
 from worker.delivery.publish import DeliveryGuard, Publisher
 from worker.delivery.quarantine import Quarantine
 from worker.metrics import Metrics
+from worker.modelhost import Done, ModelHost, ModelPort
 from worker.models import ModelRunner, Placement
 from worker.models.registry import load_runner
-from worker.oom import BatchSizeLimiter
 from worker.settings import Settings
 from worker.storage import ObjectReader
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class _Done:
-    output: Any
-    batch_size: int
-    inference_ms: float
 
 
 class Engine:
@@ -58,6 +46,7 @@ class Engine:
         objects: ObjectReader,
         redis_client: redis.Redis,
         worker_name: str | None = None,
+        model: ModelPort | None = None,
     ) -> None:
         self.settings = settings
         self.runners = runners
@@ -74,13 +63,9 @@ class Engine:
         )
         self.quarantine = Quarantine()  # suspects (redelivered after a crash) run alone
         self.limits = objects.limits
-        # Jobs per model between "taken" and "in the batcher" (fetching, decoding, preparing):
-        # when there are none, a waiting group cannot grow, so it runs without max_wait_ms.
-        self._preparing: Counter[str] = Counter()
-        self._preparing_lock = threading.Lock()
-        self.oom = BatchSizeLimiter()
-        self.batcher = Batcher(self._run_batch, self._policy, idle=self._nothing_preparing)
         self.metrics = Metrics()
+        # The models run here (a model thread) or in the model process (worker.remote).
+        self.model: ModelPort = model or ModelHost(settings, runners, self.metrics)
         self.worker_name = self.policy.worker
 
     @classmethod
@@ -107,11 +92,11 @@ class Engine:
             engine.metrics.model_load.labels(name).set(seconds)
         if settings.metrics_port:
             engine.metrics.serve(settings.metrics_port, settings.metrics_addr)
-        engine.batcher.start()
+        engine.model.start()
         return engine
 
     def stop(self) -> None:
-        self.batcher.stop(timeout=30)
+        self.model.stop(timeout=30)
 
     # --- one job ---------------------------------------------------------------------------------
 
@@ -156,20 +141,17 @@ class Engine:
                 code=ErrorCode.UNKNOWN_MODEL,
             )
         queue_wait_ms = max(0.0, (time.time() - submitted_at) * 1000) if submitted_at else 0.0
-        with self._preparing_lock:
-            self._preparing[runner.name] += 1
+        self.model.preparing(runner.name, 1)
         try:
             data = self.objects.read(job.image_ref)
             image = images.decode(data, self.limits, self._draft_side(runner))
             item = runner.prepare(job, image)
             fetched = time.perf_counter()
-            future = self.batcher.submit((runner.name, runner.group_key(item)), item)
+            future = self.model.submit((runner.name, runner.group_key(item)), item)
         finally:
-            with self._preparing_lock:
-                self._preparing[runner.name] -= 1
-            self.batcher.wake()
+            self.model.preparing(runner.name, -1)
         try:
-            done: _Done = future.result(timeout=self.settings.task_time_limit_s)
+            done: Done = future.result(timeout=self.settings.task_time_limit_s)
         except FuturesTimeout as exc:
             future.cancel()
             raise JobFailure(
@@ -197,32 +179,6 @@ class Engine:
         if not side or not self.settings.jpeg_draft:
             return None
         return images.draft_side(side)
-
-    # --- the model thread ------------------------------------------------------------------------
-
-    def _nothing_preparing(self, key: Hashable) -> bool:
-        return self._preparing[key[0]] <= 0  # type: ignore[index]
-
-    def _policy(self, key: Hashable) -> BatchPolicy:
-        spec = self.runners[key[0]].spec  # type: ignore[index]
-        size = spec.max_batch_size or self.settings.max_batch_size
-        wait_ms = spec.max_wait_ms if spec.max_wait_ms is not None else self.settings.max_wait_ms
-        return BatchPolicy(
-            max_size=self.oom.limit(spec.name, size),
-            max_wait_s=wait_ms / 1000,
-            arriving_wait_fraction=self.settings.arriving_wait_fraction,
-        )
-
-    def _run_batch(self, key: Hashable, items: list[Any]) -> Sequence[_Done]:
-        runner = self.runners[key[0]]  # type: ignore[index]
-        started = time.perf_counter()
-        outputs = self.oom.run(runner.name, items, runner.run_batch)
-        elapsed_s = time.perf_counter() - started
-        elapsed_ms = elapsed_s * 1000
-        self.metrics.observe_batch(runner.name, len(items), elapsed_s)
-        if runner.placement.device.type == "cuda":
-            self.metrics.update_gpu()
-        return [_Done(output, len(items), elapsed_ms) for output in outputs]
 
 
 def configure_process(settings: Settings) -> None:

@@ -38,7 +38,7 @@ ARCHITECTURE_FAMILIES: dict[str, str] = {
     "Blip2ForConditionalGeneration": "blip2",
 }
 
-Family = Literal["caption", "vqa", "match", "blip2", "null"]
+Family = Literal["caption", "vqa", "match", "blip2", "null", "sim"]
 """Model families; the job kinds each serves are its runner's (``worker.models.registry``)."""
 
 

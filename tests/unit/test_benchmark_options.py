@@ -38,3 +38,30 @@ def test_architectures() -> None:
         parse(["--arch", "huge"])
     with pytest.raises(ValueError, match="arch must be one of"):
         fixtures.blip_random("huge")
+
+
+def test_sim_model_is_ms_per_batch_with_a_batch_size() -> None:
+    opts = parse(["--sim-model", "20:32"])
+    assert (opts.sim_ms, opts.sim_batch) == (20.0, 32)
+    assert opts.sim_capacity == 1600.0
+    assert parse(["--sim-model", "12.5"]).sim_batch == 16  # the worker's default batch
+    assert parse([]).sim_ms is None
+
+
+@pytest.mark.parametrize("bad", ["x", "0:8", "20:0", "20:many"])
+def test_sim_model_refuses_what_is_not_ms_and_batch(bad: str) -> None:
+    with pytest.raises(SystemExit):
+        parse(["--sim-model", bad])
+
+
+def test_sim_and_null_model_are_separate_benchmarks() -> None:
+    with pytest.raises(SystemExit):
+        parse(["--null-model", "--sim-model", "20"])
+
+
+def test_floor_multi_sweep() -> None:
+    assert parse([]).floor_multi == [(1, 16), (2, 8)]
+    assert parse(["--floor-multi", "1x4,3x2"]).floor_multi == [(1, 4), (3, 2)]
+    assert parse(["--floor-multi", ""]).floor_multi == []
+    with pytest.raises(SystemExit):
+        parse(["--floor-multi", "2by8"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -84,3 +85,28 @@ class NullRunner(ModelRunner[CaptionJob]):
     def warmup(self) -> None:
         job = CaptionJob(image="s3://warm-up/x.jpg", model=self.name)
         self._outputs([self.prepare(job, Image.new("RGB", (64, 64)))])  # never a fault
+
+
+class SimRunner(NullRunner):
+    """The null family with an emulated accelerator: ``run_batch`` sleeps (the GIL released)
+    for ``MS`` milliseconds per batch, as a GPU pass keeps the host waiting while it runs.
+
+    ``{"sim": {"source": "sim:20", "family": "sim", "max_batch_size": 32}}`` emulates a device
+    that runs 32 images per 20 ms pass: a capacity of 1600 images/s, against which the
+    throughput benchmark (``--sim-model 20:32``) measures what the rest of blipq delivers.
+    """
+
+    def load(self) -> None:
+        _, _, ms = self.spec.source.partition(":")
+        try:
+            self.pass_s = float(ms) / 1000
+        except ValueError:
+            raise ValueError(
+                f"model {self.name!r}: a sim source is 'sim:MS' (milliseconds per batch), "
+                f"not {self.spec.source!r}"
+            ) from None
+        self.input_size = INPUT_SIZE
+
+    def run_batch(self, items: list[NullItem]) -> Sequence[NullOutput]:
+        time.sleep(self.pass_s)
+        return self._outputs(items)

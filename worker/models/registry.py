@@ -18,7 +18,7 @@ from worker.models.blip2 import Blip2Runner
 from worker.models.blip_caption import CaptionRunner
 from worker.models.blip_match import MatchRunner
 from worker.models.blip_vqa import VqaRunner
-from worker.models.null import NullRunner
+from worker.models.null import NullRunner, SimRunner
 from worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ FAMILIES: dict[str, type[ModelRunner[Any]]] = {
     "match": MatchRunner,
     "blip2": Blip2Runner,
     "null": NullRunner,
+    "sim": SimRunner,
 }
 """Family name (``ModelSpec.family``) -> the runner that loads and runs it."""
 
