@@ -219,7 +219,8 @@ def test_every_malformed_message_is_answered_or_dead_lettered_and_the_worker_liv
     found = " ".join(json.dumps(r) for r in marked)
     missing = [name for i, (name, *_) in enumerate(dead) if f"{marker}-{i}" not in found]
     assert not missing and len(marked) == len(dead) + len(unreadable), (missing, marked)
-    assert all(len(r["payload"]["body_prefix"]) < 1000 for r in records)  # bodies capped
+    # bodies capped, in every record that keeps a body
+    assert all(len(r["payload"].get("body_prefix", "")) < 1000 for r in records), records
     refused_tasks = {r["payload"].get("task") for r in records}
     assert {"celery.accumulate", "celery.chord_unlock", "no.such.task"} <= refused_tasks
     assert not any(r["job_id"] in expected and "wire-marker" in json.dumps(r) for r in records)
