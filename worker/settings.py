@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from producer.protocol.s3 import S3Settings
@@ -67,7 +67,7 @@ class ModelSpec(BaseModel):
         return self
 
 
-class Settings(ClientSettings):
+class Settings(S3Settings, ClientSettings):
     """Everything a worker is configured by. Build it once, at start-up: ``Settings()``."""
 
     # --- models ---
@@ -151,19 +151,6 @@ class Settings(ClientSettings):
     )
 
     # --- object storage ---
-    s3_endpoint_url: str | None = Field(
-        default=None, description="S3-compatible endpoint; unset = AWS."
-    )
-    s3_region: str | None = Field(default=None, description="S3 region name.")
-    s3_access_key_id: str | None = Field(
-        default=None, description="Else the normal boto3 credential chain."
-    )
-    s3_secret_access_key: SecretStr | None = Field(
-        default=None, description="Secret for s3_access_key_id (never logged or returned)."
-    )
-    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
-        default="path", description="path suits MinIO/SeaweedFS/Ceph; virtual suits AWS."
-    )
     s3_allowed_buckets: Annotated[list[str] | None, NoDecode] = Field(
         default=None, description="If set, only these buckets may be read."
     )
@@ -172,12 +159,6 @@ class Settings(ClientSettings):
         description="Read objects over a URL boto3 presigns, with urllib3 (0.5 ms of CPU per "
         "GET instead of get_object's 1.4 ms); false, or an HTTP proxy in the environment: "
         "get_object.",
-    )
-    s3_connect_timeout_s: float = Field(
-        default=5.0, gt=0, description="Seconds to connect to the object store."
-    )
-    s3_read_timeout_s: float = Field(
-        default=20.0, gt=0, description="Seconds without data before a GET is abandoned."
     )
     s3_max_attempts: int = Field(
         default=7,
@@ -296,18 +277,6 @@ class Settings(ClientSettings):
     def policy_map(self) -> dict[str, str]:
         """Every moderation policy a job may name -> its YAML file, ``BLIPQ_POLICIES`` on top."""
         return {**DEFAULT_POLICIES, **_policies_in(self.policy_dirs), **self.policies}
-
-    def s3_settings(self) -> S3Settings:
-        """The object store, as ``producer.protocol.s3`` takes it."""
-        return S3Settings(
-            endpoint_url=self.s3_endpoint_url,
-            region=self.s3_region,
-            access_key_id=self.s3_access_key_id,
-            secret_access_key=self.s3_secret_access_key,
-            addressing_style=self.s3_addressing_style,
-            connect_timeout_s=self.s3_connect_timeout_s,
-            read_timeout_s=self.s3_read_timeout_s,
-        )
 
     def served(self) -> list[ModelSpec]:
         specs = self.model_map()

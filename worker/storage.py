@@ -90,7 +90,7 @@ class ObjectReader:
     @classmethod
     def from_settings(cls, settings: Settings) -> ObjectReader:
         return cls(
-            make_s3_client(settings.s3_settings(), max_pool=settings.worker_concurrency),
+            make_s3_client(settings, max_pool=settings.worker_concurrency),
             Limits(settings.max_image_bytes, settings.max_image_pixels),
             allowed_buckets=settings.s3_allowed_buckets,
             direct=settings.s3_direct_get,

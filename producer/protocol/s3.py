@@ -15,27 +15,29 @@ if TYPE_CHECKING:
 
 
 class S3Settings(BaseSettings):
-    """Where the images live and how to reach them: ``BLIPQ_S3_*`` environment variables."""
+    """Where the images live and how to reach them: ``BLIPQ_S3_*`` environment variables.
 
-    model_config = SettingsConfigDict(env_prefix="BLIPQ_S3_", extra="ignore", frozen=True)
+    The worker's ``Settings`` include these fields, so producers and workers read one set."""
 
-    endpoint_url: str | None = Field(
+    model_config = SettingsConfigDict(env_prefix="BLIPQ_", extra="ignore", frozen=True)
+
+    s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint; unset = AWS."
     )
-    region: str | None = Field(default=None, description="S3 region name.")
-    access_key_id: str | None = Field(
+    s3_region: str | None = Field(default=None, description="S3 region name.")
+    s3_access_key_id: str | None = Field(
         default=None, description="Else the normal boto3 credential chain."
     )
-    secret_access_key: SecretStr | None = Field(
-        default=None, description="Secret for access_key_id (never logged or returned)."
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="Secret for s3_access_key_id (never logged or returned)."
     )
-    addressing_style: Literal["auto", "path", "virtual"] = Field(
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
         default="path", description="path suits MinIO/SeaweedFS/Ceph; virtual suits AWS."
     )
-    connect_timeout_s: float = Field(
+    s3_connect_timeout_s: float = Field(
         default=5.0, gt=0, description="Seconds to connect to the object store."
     )
-    read_timeout_s: float = Field(
+    s3_read_timeout_s: float = Field(
         default=20.0, gt=0, description="Seconds without data before a GET is abandoned."
     )
 
@@ -47,19 +49,19 @@ def make_s3_client(settings: S3Settings | None = None, *, max_pool: int = 10) ->
     botocore's standard mode covers a blip within one request.
     """
     settings = settings or S3Settings()
-    secret = settings.secret_access_key
+    secret = settings.s3_secret_access_key
     config = Config(
-        connect_timeout=settings.connect_timeout_s,
-        read_timeout=settings.read_timeout_s,
+        connect_timeout=settings.s3_connect_timeout_s,
+        read_timeout=settings.s3_read_timeout_s,
         retries={"max_attempts": 2, "mode": "standard"},
         max_pool_connections=max(10, max_pool),
-        s3={"addressing_style": settings.addressing_style},
+        s3={"addressing_style": settings.s3_addressing_style},
     )
     return boto3.session.Session().client(
         "s3",
-        endpoint_url=settings.endpoint_url,
-        region_name=settings.region or "us-east-1",
-        aws_access_key_id=settings.access_key_id,
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region or "us-east-1",
+        aws_access_key_id=settings.s3_access_key_id,
         aws_secret_access_key=secret.get_secret_value() if secret else None,
         config=config,
     )

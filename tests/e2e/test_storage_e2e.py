@@ -32,7 +32,7 @@ def _reader(s3_server: EmbeddedS3, *, direct: bool, **overrides: Any) -> ObjectR
         "s3_read_timeout_s": 2,
     }
     settings = Settings(**{**fields, **overrides})
-    return ObjectReader(make_s3_client(settings.s3_settings()), LIMITS, direct=direct)
+    return ObjectReader(make_s3_client(settings), LIMITS, direct=direct)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_a_store_that_is_down_is_retryable(direct: bool) -> None:
         s3_secret_access_key="s",
         s3_connect_timeout_s=1,
     )
-    reader = ObjectReader(make_s3_client(settings.s3_settings()), LIMITS, direct=direct)
+    reader = ObjectReader(make_s3_client(settings), LIMITS, direct=direct)
     with pytest.raises(Retryable, match="unavailable"):
         reader.read(ImageRef(BUCKET, "plain.jpg"))
 
@@ -136,7 +136,7 @@ def test_tls_trust_follows_boto3s(
     settings = Settings(
         s3_endpoint_url="https://127.0.0.1:9", s3_access_key_id="k", s3_secret_access_key="s"
     )
-    s3 = make_s3_client(settings.s3_settings())
+    s3 = make_s3_client(settings)
     s3._endpoint.http_session._verify = False  # as boto3's verify=False leaves it
     insecure = ObjectReader(s3, LIMITS)
     assert insecure._http.connection_pool_kw["cert_reqs"] == "CERT_NONE"
