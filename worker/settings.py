@@ -176,9 +176,11 @@ class Settings(S3Settings, ClientSettings):
     max_message_bytes: int = Field(
         default=16 * 2**20,
         ge=4096,
-        description="Largest broker message body after decompression: a compressed message "
-        "(kombu's `compression` header) is inflated only up to this size, and refused with "
-        "`invalid_job` beyond it.",
+        description="Largest broker message body, after decompression: a compressed message "
+        "(kombu's `compression` header) is inflated only up to this size, and a larger one on "
+        "the wire is not parsed beyond its headers; either is refused with `invalid_job`. A "
+        "worker's memory grows by at most this plus 100 MB for any message (tests/e2e/"
+        "test_wire_e2e.py).",
     )
     jpeg_draft: bool = Field(
         default=True,

@@ -9,11 +9,13 @@ could send them, bypassing the producer's checks and Celery's message building.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 import uuid
 import zlib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -258,3 +260,56 @@ def test_a_stored_value_that_is_not_a_job_result_is_an_error_result(
     many = {r.job_id: r for r in client.results(list(ids), timeout=5)}
     assert set(many) == set(ids)
     assert all(r.error is not None for r in many.values())
+
+
+def _kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _big_messages() -> list[tuple[str, str, dict[str, Any], bytes]]:
+    bomb, plain, huge = (str(uuid.uuid4()) for _ in range(3))
+    inflated = _body([[], {"job": _good(), "submitted_at": time.time()}, {}])
+    inflated += b" " * (1024 * MIB - len(inflated))  # valid JSON once inflated: 1 GiB of it
+    job = {**_good(), "prompt": "x" * (15 * 10**6)}
+    return [
+        ("1 GiB zlib bomb", bomb, _headers(bomb, compression="application/x-gzip"),
+         zlib.compress(inflated, 9)),
+        ("plain 20 MB body", plain, _headers(plain), b" " * (20 * 10**6)),
+        ("15 MB job field", huge, _headers(huge),
+         _body([[], {"job": job, "submitted_at": time.time()}, {}])),
+    ]  # fmt: skip
+
+
+def test_no_message_grows_the_worker_past_the_message_bound(
+    caption_worker: WorkerProcess,
+    client: Client,
+    redis_client: redis.Redis,
+    s3,  # type: ignore[no-untyped-def]
+) -> None:
+    """Peak memory while a 1 GiB zlib bomb (1 MiB on the wire), a plain 20 MB body and a job with
+    a 15 MB field are each taken, refused or answered: at most the message bound + 100 MB."""
+    with contextlib.suppress(
+        s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists
+    ):
+        s3.create_bucket(Bucket=BUCKET)
+    s3.put_object(Bucket=BUCKET, Key="a.jpg", Body=sample_jpegs(1, seed=163)[0])
+    assert caption_worker.proc is not None
+    pid = caption_worker.proc.pid
+    bound = 16 * MIB  # BLIPQ_MAX_MESSAGE_BYTES' default, which the fixture worker runs with
+    # Each peak is measured from just before its message: "5" resets VmHWM to the current RSS
+    # (proc(5), clear_refs).
+    for name, job_id, headers, body in _big_messages():
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        before_kib = _kib(pid, "VmRSS")
+        _push(redis_client, headers, body)
+        del body
+        result = client.result(job_id, timeout=180)
+        assert not result.ok and caption_worker.proc.poll() is None, (name, result)
+        grown_mib = (_kib(pid, "VmHWM") - before_kib) / 1024
+        print(f"{name}: worker peak RSS {grown_mib:.0f} MiB over its RSS before")
+        assert grown_mib <= bound / MIB + 100, (name, grown_mib)
+    after = client.submit(CaptionJob(image=f"s3://{BUCKET}/a.jpg", model="tiny-caption"))
+    assert client.result(after, timeout=60).ok

@@ -24,6 +24,7 @@ and drops it with its pools, so a channel whose connection is gone still goes th
 from __future__ import annotations
 
 import base64
+import json
 import sys
 import uuid
 from collections.abc import Iterator
@@ -94,6 +95,8 @@ _UNREADABLE_PREFIX = 200
 
 
 def _placeholder(payload: object) -> dict[str, Any]:
+    headers = payload.get("headers") if isinstance(payload, dict) else None
+    kept = isinstance(payload, dict) and _OVERSIZE in payload and isinstance(headers, dict)
     props = payload.get("properties") if isinstance(payload, dict) else None
     props = props if isinstance(props, dict) else {}
     tag = props.get("delivery_tag")
@@ -104,7 +107,8 @@ def _placeholder(payload: object) -> dict[str, Any]:
         "body": base64.b64encode(described).decode(),
         "content-type": "application/json",
         "content-encoding": "utf-8",
-        "headers": {},
+        # An oversized message keeps the few headers that name its jobs, so they are answered.
+        "headers": headers if kept else {},
         "properties": {
             "delivery_tag": tag if isinstance(tag, str) and tag else str(uuid.uuid4()),
             "body_encoding": "base64",
@@ -134,6 +138,11 @@ def _readable_message(base: Any) -> Any:
 
         def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
             try:
+                if isinstance(payload, dict) and _OVERSIZE in payload:
+                    raise MessageTooLarge(
+                        f"the message is {payload[_OVERSIZE]} bytes on the wire, over "
+                        f"BLIPQ_MAX_MESSAGE_BYTES ({_limit['max_bytes']} bytes of body)"
+                    )
                 super().__init__(payload, channel=channel, **kwargs)
             except Exception:
                 error = sys.exc_info()
@@ -143,11 +152,42 @@ def _readable_message(base: Any) -> Any:
     return ReadableMessage
 
 
+_OVERSIZE = "blipq_oversize"
+_WIRE_OVERHEAD = 2**20  # an envelope's own fields, beside its base64 body
+_NAMING_HEADERS = ("task", "id", "blipq_jobs")
+
+
 def _safe_loads(raw: Any, *args: Any, **kwargs: Any) -> Any:
+    # base64 carries 3 bytes of body in 4 characters
+    if len(raw) > _limit["max_bytes"] * 4 // 3 + _WIRE_OVERHEAD:
+        return _oversized(raw)
     try:
         return _json_loads(raw, *args, **kwargs)
     except ValueError:
         return {"blipq_unreadable": str(raw)[:_UNREADABLE_PREFIX]}
+
+
+def _oversized(raw: str | bytes) -> dict[str, Any]:
+    """An envelope too large to parse whole: only its headers and properties are read (kombu
+    writes them after the body), so the jobs it names can be answered; the body is never
+    decoded."""
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    found: dict[str, Any] = {_OVERSIZE: len(raw)}
+    decoder = json.JSONDecoder()
+    for field in ("headers", "properties"):
+        at = text.rfind(f'"{field}": {{', len(text) - _WIRE_OVERHEAD)
+        if at < 0:
+            continue
+        try:
+            value, _ = decoder.raw_decode(text, at + len(field) + 4)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            found[field] = value
+    headers = found.get("headers")
+    if isinstance(headers, dict):
+        found["headers"] = {k: headers[k] for k in _NAMING_HEADERS if k in headers}
+    return found
 
 
 _safe_loads._blipq_fix = True  # type: ignore[attr-defined]
