@@ -199,14 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="run everything locally, offline: Redis, S3, a worker, caption jobs",
+        help="run everything locally, offline: Redis, S3, a worker, caption (and VQA) jobs",
         description="Start a private Redis and S3 server, upload sample images, start a real "
         "worker, caption the images, print the results, and shut everything down.",
     )
     demo.add_argument(
         "--model",
-        help="hub id or local dir of a BLIP captioning model "
-        "(default: the shipped shapes-world fixture model)",
+        help="hub id or local dir of a BLIP captioning or BLIP-2 model, or the name of a "
+        "fixture model of the checkout (shapes-blip2-opt, shapes-blip2-t5: captions and VQA, "
+        "each marked right or wrong); default: the shipped shapes-world captioning model",
     )
     demo.add_argument("--count", type=int, default=24, help="number of caption jobs")
     demo.set_defaults(func=cmd_demo)

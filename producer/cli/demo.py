@@ -3,6 +3,10 @@
 Starts a private Redis and a private S3 server, uploads the sample images, starts a real
 ``celery -A worker.celery.app worker`` process, submits caption jobs through the Client, prints
 the results and shuts everything down. Runs from a checkout of the repository.
+
+On a BLIP-2 model (``--model shapes-blip2-opt``, ``shapes-blip2-t5`` or a BLIP-2 folder) the
+demo also asks VQA questions; on the shapes-world fixture models every caption and answer about
+the shipped shapes samples is checked against their truth and marked right or wrong.
 """
 
 from __future__ import annotations
@@ -17,20 +21,27 @@ from pathlib import Path
 
 from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from producer.client import Client
-from producer.protocol.jobs import CaptionJob, CaptionOutput, JobResult
+from producer.protocol.jobs import CaptionJob, CaptionOutput, JobResult, VqaJob, VqaOutput
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 # Shapes-world images that neither training nor the accuracy gates use (seed 9_000_501), with
-# their true captions in truth.json.
+# their true captions in truth.json and the true answers to a few questions each in vqa.json.
 SHAPES_SAMPLES = SAMPLES / "shapes"
-SHAPES_MODEL = REPO / "tests" / "fixtures" / "models" / "shapes-caption"
+FIXTURE_MODELS = REPO / "tests" / "fixtures" / "models"
+SHAPES_MODEL = FIXTURE_MODELS / "shapes-caption"
 BUCKET = "demo-images"
 PROMPTS = (None, None, "a picture of")
+MODEL_NAME = "demo-model"
 
 
 def _model_source(model: str | None) -> tuple[str, str]:
     if model:
+        fixture = FIXTURE_MODELS / model
+        if "/" not in model and (fixture / "config.json").is_file():
+            return str(fixture), (
+                f"the fixture model {model} of this checkout (docs: Fixture models)"
+            )
         return model, "given with --model"
     if (SHAPES_MODEL / "config.json").is_file():
         return str(SHAPES_MODEL), (
@@ -42,6 +53,21 @@ def _model_source(model: str | None) -> tuple[str, str]:
         [sys.executable, "-m", "tests.fixtures.tiny", str(directory)], check=True, cwd=REPO
     )
     return str(directory), "a tiny RANDOM-weight model: captions are gibberish, plumbing is real"
+
+
+def _is_shapes(source: str) -> bool:
+    """Whether ``source`` is one of the checkout's shapes-world fixture models."""
+    path = Path(source)
+    return path.name.startswith("shapes-") and path.resolve().parent == FIXTURE_MODELS.resolve()
+
+
+def _is_blip2(source: str) -> bool:
+    """Whether ``source`` is a local BLIP-2 folder (or a hub id naming BLIP-2)."""
+    config = Path(source) / "config.json"
+    if config.is_file():
+        architectures = json.loads(config.read_text()).get("architectures") or []
+        return any(arch.startswith("Blip2") for arch in architectures)
+    return "blip2" in source.lower()
 
 
 def _upload(s3_server: EmbeddedS3) -> list[str]:
@@ -75,7 +101,8 @@ def run_demo(model: str | None = None, count: int = 24) -> int:
     try:
         print(f"redis: {redis_server.url}   s3: {s3_server.endpoint_url}")
         uris = _upload(s3_server)
-        expected = _upload_shapes(s3_server) if source == str(SHAPES_MODEL) else {}
+        shapes, blip2 = _is_shapes(source), _is_blip2(source)
+        expected = _upload_shapes(s3_server) if shapes else {}
         uris = list(expected) + uris
         print(
             f"uploaded {len(uris)} images to s3://{BUCKET}/ ({len(expected)} of the shapes world)"
@@ -85,8 +112,10 @@ def run_demo(model: str | None = None, count: int = 24) -> int:
             "BLIPQ_S3_ENDPOINT_URL": s3_server.endpoint_url,
             "BLIPQ_S3_ACCESS_KEY_ID": s3_server.access_key,
             "BLIPQ_S3_SECRET_ACCESS_KEY": s3_server.secret_key,
-            "BLIPQ_MODELS": f'{{"demo-caption": {{"source": "{source}", "family": "caption"}}}}',
-            "BLIPQ_SERVE": "demo-caption",
+            "BLIPQ_MODELS": json.dumps(
+                {MODEL_NAME: {"source": source, "family": "blip2" if blip2 else "caption"}}
+            ),
+            "BLIPQ_SERVE": MODEL_NAME,
             "BLIPQ_MAX_WAIT_MS": "30",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         }
@@ -94,8 +123,12 @@ def run_demo(model: str | None = None, count: int = 24) -> int:
         worker = WorkerProcess(env, cwd=REPO).start()
         print(f"worker ready in {time.perf_counter() - started:.1f}s (log: {worker.log_path})")
         # the shapes model knows only shapes-world words: a prompt like "a picture of" is noise
-        prompts = (None,) if source == str(SHAPES_MODEL) else PROMPTS
-        return _caption(redis_server.url, uris, count, prompts, expected)
+        prompts = (None,) if shapes else PROMPTS
+        status = _caption(redis_server.url, uris, count, prompts, expected)
+        if blip2:
+            questions = _shapes_questions(expected) if shapes else _any_questions(uris)
+            status = max(status, _ask(redis_server.url, questions))
+        return status
     finally:
         if worker is not None:
             code = worker.stop()
@@ -118,7 +151,7 @@ def _caption(
     jobs = [
         CaptionJob(
             image=uris[i % len(uris)],
-            model="demo-caption",
+            model=MODEL_NAME,
             prompt=prompts[i % len(prompts)],
             max_new_tokens=20,
         )
@@ -140,6 +173,51 @@ def _caption(
     print(f"\n{count} jobs in {elapsed:.2f}s ({count / elapsed:.1f} jobs/s), {failures} failed")
     if checked:
         print(f"shapes-world images: {right} of {checked} captions are the true caption")
+    return 1 if failures else 0
+
+
+def _shapes_questions(expected: dict[str, str]) -> list[tuple[str, str, str | None]]:
+    """(image, question, true answer) for the shipped shapes samples (``vqa.json``)."""
+    truth: dict[str, dict[str, str]] = json.loads((SHAPES_SAMPLES / "vqa.json").read_text())
+    return [
+        (uri, question, answer)
+        for uri in expected
+        for question, answer in truth[uri.rsplit("/", 1)[-1]].items()
+    ]
+
+
+def _any_questions(uris: list[str]) -> list[tuple[str, str, str | None]]:
+    return [(uri, "what is in the picture?", None) for uri in uris[:4]]
+
+
+def _ask(redis_url: str, questions: list[tuple[str, str, str | None]]) -> int:
+    """VQA jobs on the BLIP-2 model; rows with a truth say whether the answer is right."""
+    jobs = [VqaJob(image=uri, model=MODEL_NAME, question=q) for uri, q, _ in questions]
+    with Client(redis_url=redis_url) as client:
+        started = time.perf_counter()
+        ids = client.submit_many(jobs)
+        results = {r.job_id: r for r in client.results(ids, timeout=300)}
+        elapsed = time.perf_counter() - started
+    print(f"\n{'image':<16} {'question':<30} answer")
+    failures = right = checked = 0
+    for (uri, question, truth), job_id in zip(questions, ids, strict=True):
+        result = results[job_id]
+        name = uri.rsplit("/", 1)[-1][:16]
+        if not (result.ok and isinstance(result.output, VqaOutput)):
+            error = result.error
+            print(f"{name:<16} {question:<30} ERROR {error.code if error else '?'}")
+            failures += 1
+            continue
+        answer = result.output.answer
+        mark = ""
+        if truth is not None:
+            checked += 1
+            right += answer == truth
+            mark = "  (right)" if answer == truth else f"  (WRONG: true answer {truth!r})"
+        print(f"{name:<16} {question:<30} {answer}{mark}")
+    print(f"\n{len(jobs)} questions in {elapsed:.2f}s, {failures} failed")
+    if checked:
+        print(f"shapes-world images: {right} of {checked} answers are the true answer")
     return 1 if failures else 0
 
 

@@ -220,6 +220,39 @@ def test_chat_turns(family: str) -> None:
     assert on_history >= DEPENDENT_FLOOR, (on_history, errors)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_equals_one_by_one(family: str) -> None:
+    """Captions, prompted captions, VQA questions and chat turns batched by group key give the
+    same tokens and outputs as each item run alone (the trained weights, not random ones)."""
+    model = runner(family)
+    images = [image for _, image in heldout(CAPTION_SEED, 6)]
+    jobs: list[tuple[Any, Image.Image]] = [
+        (CaptionJob(image=URI, model=model.name), image) for image in images
+    ]
+    jobs += [(CaptionJob(image=URI, model=model.name, prompt="a photo of"), i) for i in images]
+    jobs += [(VqaJob(image=URI, model=model.name, question=q), i) for i, q, _ in vqa_set()[:16]]
+    jobs += [
+        (VqaJob(image=URI, model=model.name, question=q, history=h), image)
+        for _, image, episode in chat_set()[:6]
+        for h, (q, _) in [(episode[:k], episode[k]) for k in range(len(episode))]
+    ]
+    items = [model.prepare(job, image) for job, image in jobs]
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        groups[model.group_key(item)].append(index)
+    assert max(len(g) for g in groups.values()) >= 4 and len(groups) > 3
+    batched: list[Any] = [None] * len(items)
+    for indices in groups.values():
+        for index, result in zip(
+            indices, model.run_batch([items[i] for i in indices]), strict=True
+        ):
+            batched[index] = result
+    for item, got in zip(items, batched, strict=True):
+        (alone,) = model.run_batch([item])
+        assert got.token_ids == alone.token_ids, item.job
+        assert got.output == alone.output, item.job
+
+
 # --------------------------------------------------------------------------- the gates have teeth
 
 

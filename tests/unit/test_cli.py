@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from producer.cli import build_parser, main
@@ -68,3 +70,31 @@ def test_every_job_command_validates_first(capsys: pytest.CaptureFixture[str]) -
     assert main([*url, "match", "not-s3", "--text", "a"]) == 2
     assert main([*url, "caption", "s3://b-1/k.jpg", "--candidates", "99"]) == 2
     assert "invalid job" in capsys.readouterr().err
+
+
+def test_demo_model_names_a_fixture_or_a_path(tmp_path: Path) -> None:
+    from producer.cli import demo
+
+    for name in ("shapes-blip2-opt", "shapes-blip2-t5"):
+        source, _ = demo._model_source(name)
+        assert source == str(demo.FIXTURE_MODELS / name)
+        assert demo._is_shapes(source) and demo._is_blip2(source)
+    caption, _ = demo._model_source("shapes-caption")
+    assert demo._is_shapes(caption) and not demo._is_blip2(caption)
+    assert demo._model_source(str(tmp_path)) == (str(tmp_path), "given with --model")
+    assert not demo._is_shapes(str(tmp_path))
+    assert demo._model_source("no-such-fixture")[0] == "no-such-fixture"
+
+
+def test_demo_vqa_truth_covers_the_shapes_samples() -> None:
+    import json
+
+    from producer.cli import demo
+
+    captions = json.loads((demo.SHAPES_SAMPLES / "truth.json").read_text())
+    answers = json.loads((demo.SHAPES_SAMPLES / "vqa.json").read_text())
+    assert set(answers) == set(captions)
+    for name, questions in answers.items():
+        shapes = captions[name].count(" and ") + 1
+        assert questions["how many shapes are there?"] == ("one", "two")[shapes - 1]
+        assert {"yes", "no"} <= set(questions.values()), name
