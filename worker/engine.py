@@ -28,7 +28,7 @@ from worker.delivery.quarantine import Quarantine
 from worker.metrics import Metrics
 from worker.modelhost import Done, ModelHost, ModelPort
 from worker.models import ModelRunner, Placement
-from worker.models.registry import load_runner
+from worker.models.registry import load_runner, runner_class
 from worker.settings import Settings
 from worker.storage import ObjectReader
 
@@ -70,23 +70,25 @@ class Engine:
 
     @classmethod
     def start(cls, settings: Settings, *, worker_name: str | None = None) -> Engine:
+        """Load the models and start the model thread; or, in an intake process of
+        ``blipq-worker`` (``BLIPQ_MODEL_SOCKET`` set), load what ``prepare`` needs and reach
+        the model process through its socket (``worker.split.remote``)."""
         configure_process(settings)
-        placement = Placement.from_settings(settings)
-        runners, load_s = {}, {}
-        for spec in settings.served():
-            started = time.perf_counter()
-            runners[spec.name] = load_runner(
-                spec, placement, warmup=settings.warmup, sdpa=settings.sdpa_attention
-            )
-            load_s[spec.name] = time.perf_counter() - started
-        for runner in runners.values():
-            runner.bind(runners, settings)
+        model: ModelPort | None = None
+        if settings.model_socket:
+            from worker.split.remote import RemoteModel
+
+            runners, load_s = load_runners(settings, intake=True)
+            model = RemoteModel(settings.model_socket, connect_s=settings.model_connect_s)
+        else:
+            runners, load_s = load_runners(settings)
         engine = cls(
             settings,
             runners,
             objects=ObjectReader.from_settings(settings),
             redis_client=settings.redis(),
             worker_name=worker_name,
+            model=model,
         )
         for name, seconds in load_s.items():
             engine.metrics.model_load.labels(name).set(seconds)
@@ -179,6 +181,31 @@ class Engine:
         if not side or not self.settings.jpeg_draft:
             return None
         return images.draft_side(side)
+
+
+def load_runners(
+    settings: Settings, *, intake: bool = False
+) -> tuple[dict[str, ModelRunner[Any]], dict[str, float]]:
+    """Load (and warm up) every served model; seconds per model. ``intake``: only what
+    ``prepare`` needs, on the CPU (an intake process; the model process runs the models)."""
+    placement = Placement.from_settings(settings)
+    if intake:
+        placement = Placement(torch.device("cpu"), torch.float32)
+    runners: dict[str, ModelRunner[Any]] = {}
+    load_s: dict[str, float] = {}
+    for spec in settings.served():
+        started = time.perf_counter()
+        if intake:
+            runners[spec.name] = runner_class(spec.family)(spec, placement)
+            runners[spec.name].load_for_intake()
+        else:
+            runners[spec.name] = load_runner(
+                spec, placement, warmup=settings.warmup, sdpa=settings.sdpa_attention
+            )
+        load_s[spec.name] = time.perf_counter() - started
+    for runner in runners.values():
+        runner.bind(runners, settings)
+    return runners, load_s
 
 
 def configure_process(settings: Settings) -> None:

@@ -129,6 +129,28 @@ class Settings(S3Settings, ClientSettings):
         "threads run Python: +15 % null-model images/s at 0.5.",
     )
 
+    # --- processes ---
+    intake_processes: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="blipq-worker: 0 = one process (the Celery consumer, its threads and the "
+        "model thread share one GIL); N = a model process that only batches and runs the "
+        "models, and N intake processes (Celery consumers with threads) that fetch, decode, "
+        "preprocess, hand pixels over through shared memory, store results and acknowledge.",
+    )
+    model_socket: str | None = Field(
+        default=None,
+        description="Set by blipq-worker for its intake processes: the model process's Unix "
+        "socket. Not set by hand.",
+    )
+    model_connect_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description="How long an intake process waits for the model process at start.",
+    )
+
     # --- batching ---
     max_batch_size: int = Field(default=16, ge=1, le=1024, description="Items per forward pass.")
     max_wait_ms: float = Field(

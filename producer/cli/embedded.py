@@ -216,7 +216,9 @@ def _free_pair() -> tuple[int, int]:
 
 
 class WorkerProcess:
-    """A real ``celery -A worker.celery.app worker`` subprocess, configured by ``BLIPQ_*``."""
+    """A real worker subprocess (``blipq-worker``: ``celery -A worker.celery.app worker``, or with
+    ``BLIPQ_INTAKE_PROCESSES`` > 0 a model process and that many Celery intake processes),
+    configured by ``BLIPQ_*``."""
 
     def __init__(self, env: dict[str, str], *, name: str | None = None, cwd: Path | None = None):
         self.env = {**os.environ, **env}
@@ -227,7 +229,7 @@ class WorkerProcess:
 
     def start(self, timeout: float = 180) -> WorkerProcess:
         args = [
-            sys.executable, "-m", "celery", "-A", "worker.celery.app", "worker",
+            sys.executable, "-m", "worker.split.launch",
             "--loglevel", "INFO", "--hostname", self.name,
             "--without-gossip", "--without-mingle",
         ]  # fmt: skip

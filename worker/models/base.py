@@ -68,6 +68,11 @@ class ModelRunner(ABC, Generic[J]):
     def load(self) -> None:
         """Load weights and processor from ``spec.source`` (hub id or local dir)."""
 
+    def load_for_intake(self) -> None:
+        """Load what ``prepare`` needs, in an intake process (the model process runs the model).
+        By default everything ``load`` loads, on the CPU; a family may load less."""
+        self.load()
+
     @abstractmethod
     def prepare(self, job: J, image: Image.Image) -> Any:
         """Turn one job and its image into a model-ready item (CPU tensors)."""

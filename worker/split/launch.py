@@ -1,0 +1,168 @@
+"""``blipq-worker [celery worker options]``: one command starts a worker.
+
+With ``BLIPQ_INTAKE_PROCESSES=0`` (the default) it becomes ``celery -A worker.celery.app worker``
+itself (one process). With N > 0 it starts the model process (``worker.split.modelproc``) and N
+intake processes (``celery -A worker.celery.app worker`` each, named ``NAME-i@HOST``, reaching
+the model process through ``BLIPQ_MODEL_SOCKET``) and watches them: a model process that dies is
+started again (the intake processes' jobs in it run again, ``worker.split.remote``), an intake
+process that dies is started again (the broker redelivers its messages). SIGTERM stops the
+intake processes first (each drains its jobs, which need the model process), then the model
+process. Every child dies with the launcher (``PR_SET_PDEATHSIG``), so a SIGKILL of the launcher
+ends the whole worker, as it ends a one-process worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from worker.settings import Settings
+
+log = logging.getLogger("blipq.launch")
+CELERY = ["-m", "celery", "-A", "worker.celery.app", "worker"]
+RESTART_PAUSE_S = 1.0
+
+
+def _die_with_parent() -> None:
+    # Not Linux: the children outlive a killed launcher.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def intake_args(args: list[str], index: int) -> list[str]:
+    """The Celery options of intake process ``index``: its own node name (``NAME-i@HOST``)."""
+    out, named = [], False
+    it = iter(args)
+    for arg in it:
+        for flag in ("--hostname", "-n"):
+            if arg == flag:
+                out += [flag, _node(next(it, "celery@%h"), index)]
+                named = True
+                break
+            if arg.startswith(flag + "="):
+                out.append(f"{flag}={_node(arg.split('=', 1)[1], index)}")
+                named = True
+                break
+        else:
+            out.append(arg)
+    return out if named else [*out, "--hostname", _node("celery@%h", index)]
+
+
+def _node(name: str, index: int) -> str:
+    base, at, host = name.partition("@")
+    return f"{base}-{index}{at}{host}"
+
+
+class Supervisor:
+    """The model process and the intake processes of one worker."""
+
+    def __init__(self, settings: Settings, args: list[str]) -> None:
+        self.count = settings.intake_processes
+        self.args = args
+        self.dir = Path(tempfile.mkdtemp(prefix="blipq-worker-"))
+        self.socket = str(self.dir / "model.sock")
+        self.model: subprocess.Popen[bytes] | None = None
+        self.intakes: list[subprocess.Popen[bytes] | None] = [None] * self.count
+        self.stopping = False
+
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, *argv],
+            env=env,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
+        )
+
+    def start_model(self) -> None:
+        Path(self.socket).unlink(missing_ok=True)  # a killed model process leaves its socket
+        self.model = self._spawn(["-m", "worker.split.modelproc", self.socket])
+        log.warning("blipq-worker: model process %d started", self.model.pid)
+
+    def start_intake(self, index: int) -> None:
+        env = {**os.environ, "BLIPQ_MODEL_SOCKET": self.socket, "BLIPQ_INTAKE_PROCESSES": "0"}
+        proc = self._spawn([*CELERY, *intake_args(self.args, index)], env)
+        self.intakes[index] = proc
+        log.warning("blipq-worker: intake process %d (%d) started", index, proc.pid)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        self.start_model()
+        for index in range(self.count):
+            self.start_intake(index)
+        try:
+            return self._watch()
+        finally:
+            self._shutdown()
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _watch(self) -> int:
+        listening = False
+        while not self.stopping:
+            time.sleep(0.2)
+            assert self.model is not None
+            listening = listening or Path(self.socket).exists()
+            if self.model.poll() is not None:
+                if not listening:  # it never got as far as loading its models
+                    log.error(
+                        "blipq-worker: the model process exited %d at start", self.model.returncode
+                    )
+                    return 1
+                log.error(
+                    "blipq-worker: model process exited %d; starting it again",
+                    self.model.returncode,
+                )
+                time.sleep(RESTART_PAUSE_S)
+                listening = False
+                self.start_model()
+            for index, proc in enumerate(self.intakes):
+                if proc is not None and proc.poll() is not None and not self.stopping:
+                    log.error(
+                        "blipq-worker: intake process %d exited %d; starting it again",
+                        index,
+                        proc.returncode,
+                    )
+                    time.sleep(RESTART_PAUSE_S)
+                    self.start_intake(index)
+        return 0
+
+    def _shutdown(self) -> None:
+        """Intake processes drain first (their jobs need the model), then the model process."""
+        for proc in self.intakes:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in self.intakes:
+            if proc is not None:
+                proc.wait()
+        if self.model is not None and self.model.poll() is None:
+            self.model.terminate()
+            try:
+                self.model.wait(60)
+            except subprocess.TimeoutExpired:
+                self.model.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    settings = Settings()
+    if settings.intake_processes == 0:
+        os.execv(sys.executable, [sys.executable, *CELERY, *args])
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s: %(levelname)s/launch] %(message)s"
+    )
+    return Supervisor(settings, args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The model process: ``python -m worker.split.modelproc SOCKET``.
+
+It loads and warms up the served models, starts the model thread (``worker.modelhost``) and
+serves intake processes over a Unix socket: each sends how many jobs per model it is preparing
+(``("prep", model, delta)``) and prepared items (``("submit", id, key, item)``, pixels in shared
+memory); each item's answer goes back as ``(id, ok, Done or exception)`` from a sender thread of
+that connection, so the model thread only runs batches. It prints ``model process ready`` once
+it listens. An intake process that goes away takes its "preparing" counts with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Hashable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection, Listener
+from typing import Any
+
+from worker.engine import configure_process, load_runners
+from worker.metrics import Metrics
+from worker.modelhost import ModelHost
+from worker.settings import Settings
+from worker.split.pixels import Attached
+
+log = logging.getLogger("blipq.modelproc")
+READY = "model process ready"
+
+
+class _Intake:
+    """One connected intake process: its requests in, its answers out."""
+
+    def __init__(self, conn: Connection, host: ModelHost) -> None:
+        self.conn = conn
+        self.host = host
+        self.prep: Counter[str] = Counter()
+        self.attached = Attached()
+        self.answers: queue.SimpleQueue[tuple[int, bool, Any] | None] = queue.SimpleQueue()
+
+    def serve(self) -> None:
+        sender = threading.Thread(target=self._send, name="blipq-answers", daemon=True)
+        sender.start()
+        try:
+            while True:
+                message = self.conn.recv()
+                if message[0] == "submit":
+                    _, rid, key, item = message
+                    self._submit(rid, key, item)
+                elif message[0] == "prep":
+                    self.prep[message[1]] += message[2]
+                    self.host.preparing(message[1], message[2])
+        except (EOFError, OSError):
+            pass
+        finally:
+            for model, count in self.prep.items():  # its jobs in preparation are gone
+                if count:
+                    self.host.preparing(model, -count)
+            self.answers.put(None)
+            sender.join(5)
+            self.conn.close()
+
+    def _submit(self, rid: int, key: Hashable, item: Any) -> None:
+        try:
+            future = self.host.submit(key, self.attached.unpack(item))
+        except Exception as exc:
+            self.answers.put((rid, False, exc))
+            return
+        future.add_done_callback(lambda f: self.answers.put(_answer(rid, f)))
+
+    def _send(self) -> None:
+        while (answer := self.answers.get()) is not None:
+            try:
+                self.conn.send(answer)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                rid, _, value = answer
+                self.conn.send((rid, False, RuntimeError(f"{type(value).__name__}: {exc}")))
+            except OSError:
+                return
+
+
+def _answer(rid: int, future: Future[Any]) -> tuple[int, bool, Any]:
+    exc = future.exception()
+    if exc is None:
+        return rid, True, future.result()
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    return rid, False, exc
+
+
+def serve(settings: Settings, path: str) -> None:
+    configure_process(settings)
+    runners, _ = load_runners(settings)
+    host = ModelHost(settings, runners, Metrics())
+    host.start()
+    listener = Listener(path, family="AF_UNIX")
+    os.chmod(path, 0o600)
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping.set()
+        listener.close()  # accept() ends
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher stops it, after the intakes
+    print(READY, flush=True)
+    while not stopping.is_set():
+        try:
+            conn = listener.accept()
+        except OSError:
+            break
+        intake = _Intake(conn, host)
+        threading.Thread(target=intake.serve, name="blipq-intake-conn", daemon=True).start()
+    host.stop(timeout=30)  # what was submitted runs, and its answers go out
+    time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m worker.split.modelproc SOCKET", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/model] %(message)s")
+    serve(Settings(), args[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
