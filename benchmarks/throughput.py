@@ -118,6 +118,7 @@ class Options:
     sim_ms: float | None = None
     sim_batch: int | None = None
     floor_multi: list[tuple[int, int]] = field(default_factory=list)
+    intake_processes: list[int] = field(default_factory=list)
 
     @property
     def sim_capacity(self) -> float:
@@ -573,6 +574,48 @@ def _floor_multi(report: Report, opts: Options, servers: Servers, meter: CpuMete
     return None if best is None else best[1]
 
 
+def intake_scaling(
+    report: Report, opts: Options, servers: Servers, name: str, entry: dict[str, Any]
+) -> None:
+    """blipq with each of ``--intake-processes``, a worker of its own each: images/s (median of
+    the rounds) and CPU ms per image of every process."""
+    from producer import Client
+    from producer.cli.embedded import WorkerProcess
+
+    keys = servers.keys
+    todo = [keys[i % len(keys)] for i in range(opts.jobs)]
+    table: dict[str, float] = {}
+    for count in opts.intake_processes:
+        env = _blipq_env(opts, servers, name, entry)
+        if opts.sim_batch is not None:
+            env.setdefault("BLIPQ_MAX_BATCH_SIZE", str(opts.sim_batch))
+        env["BLIPQ_INTAKE_PROCESSES"] = str(count)
+        worker = WorkerProcess(env, cwd=REPO).start()
+        try:
+            with Client(redis_url=servers.redis.url) as client:
+                blipq = Blipq(
+                    f"blipq_{name}_intake_{count}",
+                    client,
+                    name,
+                    opts.max_new_tokens,
+                    warm_burst=100,
+                )
+                blipq.keys = keys
+                blipq.warm()
+                rates = []
+                for _ in range(opts.rounds):
+                    started = time.perf_counter()
+                    rates.append(blipq.run(todo) / (time.perf_counter() - started))
+                table[str(count)] = round(statistics.median(rates), 1)
+                _log(f"{name}, {count} intake processes: {table[str(count)]} images/s")
+                _process_cpu(report, _pid(worker), blipq, todo)
+        finally:
+            code = worker.stop()
+            if code not in (0, None):
+                report.notes.append(f"blipq worker exited {code}; log: {worker.log_path}")
+    report.sweeps[f"{name}_images_per_s_by_intake_processes"] = table
+
+
 def bench_sim(report: Report, opts: Options, servers: Servers) -> None:
     """blipq against an emulated accelerator (``--sim-model MS[:BATCH]``)."""
     from producer import Client
@@ -771,6 +814,13 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         help="--null-model: floor_multi sweep, PROCESSESxTHREADS comma-separated (default "
         "1x16,2x8; '' skips it): the worker's GET + decode + resize in several processes",
     )
+    add(
+        "--intake-processes",
+        default="",
+        help="--null-model / --sim-model: also a scaling table of blipq over "
+        "BLIPQ_INTAKE_PROCESSES, e.g. 0,1,2 (0 = one process; N = a model process and N intake "
+        "processes), each a worker of its own",
+    )
     add("--json", type=Path, help="also write the report as JSON to this path")
     a = parser.parse_args(argv)
     if a.sim_model and a.null_model:
@@ -805,7 +855,15 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         sim_ms=sim_ms,
         sim_batch=sim_batch,
         floor_multi=_floor_multi_sweep(parser, a.floor_multi),
+        intake_processes=_counts(parser, a.intake_processes),
     )
+
+
+def _counts(parser: argparse.ArgumentParser, value: str) -> list[int]:
+    parts = [p for p in value.split(",") if p]
+    if not all(p.isdigit() for p in parts):
+        parser.error(f"--intake-processes is a list of counts, e.g. 0,1,2, not {value!r}")
+    return [int(p) for p in parts]
 
 
 def _sim_model(parser: argparse.ArgumentParser, value: str) -> tuple[float, int]:
@@ -881,8 +939,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"uploaded {len(paths)} images of {min(sizes)}-{max(sizes)} KB")
         if opts.null_model:
             bench_null(report, opts, servers)
+            if opts.intake_processes:
+                intake_scaling(report, opts, servers, "null", {"source": "null", "family": "null"})
         elif opts.sim_ms is not None:
             bench_sim(report, opts, servers)
+            if opts.intake_processes:
+                sim = {"source": f"sim:{opts.sim_ms:g}", "family": "sim"}
+                intake_scaling(report, opts, servers, "sim", sim)
         else:
             assert source is not None
             bench_model(report, opts, servers, source, paths)

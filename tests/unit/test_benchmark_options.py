@@ -65,3 +65,10 @@ def test_floor_multi_sweep() -> None:
     assert parse(["--floor-multi", ""]).floor_multi == []
     with pytest.raises(SystemExit):
         parse(["--floor-multi", "2by8"])
+
+
+def test_intake_processes_scaling_counts() -> None:
+    assert parse([]).intake_processes == []
+    assert parse(["--null-model", "--intake-processes", "0,1,2"]).intake_processes == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        parse(["--intake-processes", "one"])

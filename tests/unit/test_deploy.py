@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
@@ -335,10 +336,15 @@ def test_every_worker_command_names_the_real_celery_app() -> None:
         "Dockerfile CMD": _dockerfile_cmd(),
         "Deployment": _container()["command"],
     }
+    # blipq-worker is the launcher (pyproject's script), which runs `celery -A worker.celery.app
+    # worker` with the same options (worker.split.launch.CELERY).
+    from worker.split.launch import CELERY
+
+    assert CELERY[2:] == ["-A", "worker.celery.app", "worker"]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["blipq-worker"] == "worker.split.launch:main"
     for where, command in commands.items():
-        module = _celery_module(command)
-        assert module == "worker.celery.app", where
-        assert command[3] == "worker", where
+        assert command[0] == "blipq-worker", where
     readiness = _container()["readinessProbe"]["exec"]["command"]
     assert readiness[:2] == ["sh", "-c"]
     probe = shlex.split(readiness[2])

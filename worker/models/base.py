@@ -182,11 +182,21 @@ def _fast_plan(processor: Any) -> _FastPlan | None:
 
 
 def stack_pixels(tensors: list[torch.Tensor], placement: Placement) -> torch.Tensor:
-    """Stack CPU tensors and move them to the model's device (pinned for an async copy)."""
-    pixels = torch.stack(tensors)
-    if placement.device.type == "cuda":
-        pixels = pixels.pin_memory()
-    return pixels.to(placement.device, placement.dtype, non_blocking=True)
+    """Stack one tensor per item into the model's batch, on its device, in its dtype.
+
+    On CUDA, CPU tensors are stacked straight into pinned memory (one copy) and copied to the
+    device asynchronously; tensors already on the device (the model process stages each item's
+    pixels as it arrives, ``worker.split.pixels.Stager``) are stacked there.
+    """
+    device = placement.device
+    if device.type != "cuda":
+        return torch.stack(tensors).to(device, placement.dtype)
+    if all(t.device == device for t in tensors):
+        return torch.stack(tensors).to(dtype=placement.dtype)
+    first = tensors[0]
+    pinned = torch.empty((len(tensors), *first.shape), dtype=first.dtype, pin_memory=True)
+    torch.stack([t.cpu() for t in tensors], out=pinned)
+    return pinned.to(device, placement.dtype, non_blocking=True)
 
 
 def strip_pad(ids: list[int], pad: int) -> list[int]:

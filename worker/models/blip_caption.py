@@ -46,7 +46,19 @@ class CaptionRunner(ModelRunner[CaptionJob]):
         self.tokenizer = self.processor.tokenizer
         model = BlipForConditionalGeneration.from_pretrained(source, dtype=self.placement.dtype)
         self.model = model.to(self.placement.device).eval()
+        self.config = self.model.config
         self._prompts: dict[str, dict[str, torch.Tensor]] = {}
+        self._prompts_lock = threading.Lock()
+
+    def load_for_intake(self) -> None:
+        """The processor and the config: all ``prepare`` needs (no weights)."""
+        from transformers import BlipConfig
+
+        source = self.spec.source
+        self.processor, self.image_processor = load_blip_processor(source)
+        self.tokenizer = self.processor.tokenizer
+        self.config = BlipConfig.from_pretrained(source)
+        self._prompts = {}
         self._prompts_lock = threading.Lock()
 
     def group_key(self, item: CaptionItem) -> Hashable:
@@ -75,7 +87,7 @@ class CaptionRunner(ModelRunner[CaptionJob]):
             self.name,
             f"the prompt ({prompt_len} tokens) with max_new_tokens={job.max_new_tokens}",
             prompt_len + job.max_new_tokens,
-            text_positions(self.model.config),
+            text_positions(self.config),
             "shorten the prompt or lower max_new_tokens",
         )
         pixels = self.pixels(self.image_processor, image)

@@ -27,8 +27,9 @@ from typing import Any
 from worker.engine import configure_process, load_runners
 from worker.metrics import Metrics
 from worker.modelhost import ModelHost
+from worker.models import Placement
 from worker.settings import Settings
-from worker.split.pixels import Attached
+from worker.split.pixels import Attached, Stager
 
 log = logging.getLogger("blipq.modelproc")
 READY = "model process ready"
@@ -37,9 +38,10 @@ READY = "model process ready"
 class _Intake:
     """One connected intake process: its requests in, its answers out."""
 
-    def __init__(self, conn: Connection, host: ModelHost) -> None:
+    def __init__(self, conn: Connection, host: ModelHost, stager: Stager) -> None:
         self.conn = conn
         self.host = host
+        self.stager = stager
         self.prep: Counter[str] = Counter()
         self.attached = Attached()
         self.answers: queue.SimpleQueue[tuple[int, bool, Any] | None] = queue.SimpleQueue()
@@ -68,7 +70,7 @@ class _Intake:
 
     def _submit(self, rid: int, key: Hashable, item: Any) -> None:
         try:
-            future = self.host.submit(key, self.attached.unpack(item))
+            future = self.host.submit(key, self.stager.stage(self.attached.unpack(item)))
         except Exception as exc:
             self.answers.put((rid, False, exc))
             return
@@ -100,6 +102,8 @@ def serve(settings: Settings, path: str) -> None:
     configure_process(settings)
     runners, _ = load_runners(settings)
     host = ModelHost(settings, runners, Metrics())
+    placement = Placement.from_settings(settings)
+    stager = Stager(placement.device, placement.dtype)
     host.start()
     listener = Listener(path, family="AF_UNIX")
     os.chmod(path, 0o600)
@@ -117,7 +121,7 @@ def serve(settings: Settings, path: str) -> None:
             conn = listener.accept()
         except OSError:
             break
-        intake = _Intake(conn, host)
+        intake = _Intake(conn, host, stager)
         threading.Thread(target=intake.serve, name="blipq-intake-conn", daemon=True).start()
     host.stop(timeout=30)  # what was submitted runs, and its answers go out
     time.sleep(0.2)

@@ -131,3 +131,26 @@ class Attached:
             with contextlib.suppress(BufferError):
                 block.close()
         self._blocks.clear()
+
+
+class Stager:
+    """The model process on CUDA: an item's ``pixel_values`` go to the GPU as the item arrives,
+    on a stream of their own, so that copy overlaps the batch the model thread is running (the
+    next batch's host-to-device copy runs during this one's pass). Elsewhere it does nothing."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def stage(self, item: Any) -> Any:
+        pixels = getattr(item, "pixel_values", None)
+        if self.stream is None or not isinstance(pixels, torch.Tensor) or pixels.is_cuda:
+            return item
+        with torch.cuda.stream(self.stream):
+            moved = pixels.to(self.device, self.dtype, non_blocking=True)
+        # The model thread reads it on its own stream: the allocator must not hand the memory to
+        # this stream again before that read is done.
+        moved.record_stream(torch.cuda.current_stream(self.device))
+        self.stream.synchronize()  # this connection's thread waits, not the model thread
+        return dataclasses.replace(item, pixel_values=moved)
