@@ -221,9 +221,9 @@ def _blipq(arch: str, source: Path, args: argparse.Namespace, budget: Budget) ->
                 out["note"] = f"stopped before {count} intake processes: budget"
                 break
             opts.intake_processes = [count]
-            intake_scaling(
-                report, opts, servers, "caption", {"source": str(source), "family": "caption"}
-            )
+            entry = {"source": str(source), "family": "caption"}
+            intake_scaling(report, opts, servers, "caption", entry)
+            table.update(report.sweeps["caption_images_per_s_by_intake_processes"])
     finally:
         s3_server.close()
         redis_server.close()
