@@ -145,10 +145,11 @@ class Settings(S3Settings, ClientSettings):
         "socket. Not set by hand.",
     )
     model_connect_s: float = Field(
-        default=120.0,
+        default=600.0,
         gt=0,
         le=3600,
-        description="How long an intake process waits for the model process at start.",
+        description="How long an intake process waits for the model process at start (it "
+        "loads the models first); then the intake process ends and blipq-worker starts it again.",
     )
 
     # --- batching ---

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
+import pytest
 import torch
 
 from producer.protocol.jobs import CaptionJob
@@ -47,3 +49,12 @@ def test_items_without_large_tensors_pass_as_they_are() -> None:
     assert arena.pack(item) == (item, [])
     assert arena.pack("not a dataclass") == ("not a dataclass", [])
     arena.close()
+
+
+def test_an_intake_process_without_its_model_process_ends(tmp_path: Path) -> None:
+    from worker.split.remote import RemoteModel
+
+    model = RemoteModel(str(tmp_path / "nobody.sock"), connect_s=0.3)
+    with pytest.raises(SystemExit, match="no model process answered"):
+        model.start()
+    model.stop(timeout=1)

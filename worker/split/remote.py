@@ -53,7 +53,12 @@ class RemoteModel:
     def start(self) -> None:
         self._conn = self._connect(self.connect_s)
         if self._conn is None:
-            raise RuntimeError(f"no model process answered on {self.path} in {self.connect_s}s")
+            # Ends the intake process (Celery would go on consuming without its services, and
+            # answer every job with an error); the launcher starts it again.
+            raise SystemExit(
+                f"no model process answered on {self.path} in {self.connect_s:g}s "
+                "(BLIPQ_MODEL_CONNECT_S); this intake process ends"
+            )
         self._reader = threading.Thread(target=self._read, name="blipq-model-link", daemon=True)
         self._reader.start()
 
