@@ -127,17 +127,16 @@ class S3Address:
     secret_key: str
 
     def client(self, pool: int = 10) -> Any:
-        import boto3
-        from botocore.config import Config
+        from pydantic import SecretStr
 
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name="us-east-1",
-            config=Config(max_pool_connections=pool, s3={"addressing_style": "path"}),
+        from producer.protocol.s3 import S3Settings, make_s3_client
+
+        settings = S3Settings(
+            s3_endpoint_url=self.endpoint_url,
+            s3_access_key_id=self.access_key,
+            s3_secret_access_key=SecretStr(self.secret_key),
         )
+        return make_s3_client(settings, max_pool=pool)
 
 
 _floor: Any = None

@@ -147,17 +147,16 @@ class EmbeddedS3:
 
     def client(self, pool: int = 10) -> Any:
         """A boto3 S3 client for this server (path-style addressing, ``pool`` connections)."""
-        import boto3
-        from botocore.config import Config
+        from pydantic import SecretStr
 
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name="us-east-1",
-            config=Config(max_pool_connections=pool, s3={"addressing_style": "path"}),
+        from producer.protocol.s3 import S3Settings, make_s3_client
+
+        settings = S3Settings(
+            s3_endpoint_url=self.endpoint_url,
+            s3_access_key_id=self.access_key,
+            s3_secret_access_key=SecretStr(self.secret_key),
         )
+        return make_s3_client(settings, max_pool=pool)
 
     def start(self) -> EmbeddedS3:
         weed = _tool("weed")
