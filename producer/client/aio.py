@@ -22,7 +22,7 @@ from producer.client.stream import StreamCursor, StreamEvent
 from producer.client.sync import Client
 from producer.client.waiting import SWEEP_S
 from producer.protocol.connect import async_redis_client
-from producer.protocol.errors import ResultTimeout
+from producer.protocol.errors import RedisUnavailable, ResultTimeout
 from producer.protocol.jobs import AnyJob, JobResult
 from producer.protocol.keys import RESULTS_STREAM, text
 from producer.protocol.settings import ClientSettings
@@ -81,33 +81,44 @@ class AsyncClient:
     async def results(
         self, job_ids: Sequence[str], timeout: float | None = None
     ) -> AsyncIterator[JobResult]:
-        """Yield results as they complete (any order); ResultTimeout if some are still missing."""
+        """Yield results as they complete (any order); ResultTimeout if some are still missing.
+
+        As ``Client.results``: RedisUnavailable once Redis has been unreachable for
+        ``redis_down_s`` seconds (or at the timeout if it is unreachable then); a shorter restart
+        is ridden out: resubscribe and re-read.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         for start in range(0, len(job_ids), _SUBSCRIBE_CHUNK):
             chunk = job_ids[start : start + _SUBSCRIBE_CHUNK]
             pending = {self._key(job_id): job_id for job_id in chunk}
             retry_s = 0.1
+            reached: list[float] = []  # when _wait_for last subscribed: Redis answered then
+            down_since: float | None = None
             while pending:
                 try:
-                    async for result in self._wait_for(pending, deadline):
+                    async for result in self._wait_for(pending, deadline, reached):
                         yield result
                 except redis.ConnectionError as exc:
-                    # Redis restarted or the network blinked: resubscribe and re-read.
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise ResultTimeout(
-                            f"{len(pending)} results pending; Redis unreachable"
+                    now = time.monotonic()
+                    if down_since is None or (reached and reached[-1] > down_since):
+                        down_since = now
+                    past_deadline = deadline is not None and now > deadline
+                    if now - down_since >= self.settings.redis_down_s or past_deadline:
+                        raise RedisUnavailable(
+                            self.settings.redis_url, f"{now - down_since:.1f} s: {exc}"
                         ) from exc
                     await asyncio.sleep(retry_s)
                     retry_s = min(retry_s * 2, 2.0)
 
     async def _wait_for(
-        self, pending: dict[str, str], deadline: float | None
+        self, pending: dict[str, str], deadline: float | None, reached: list[float]
     ) -> AsyncIterator[JobResult]:
         """Subscribe, read what is already stored, then wait; ``pending`` shrinks as we go."""
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
             keys = list(pending)
             await pubsub.subscribe(*keys)
+            reached.append(time.monotonic())
             for result in await self._read(pending):
                 yield result
             last_read = time.monotonic()

@@ -3,12 +3,13 @@ password. Real servers: a Redis that is stopped while a job waits, a port nothin
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 import pytest
 
-from producer import CaptionJob, Client, RedisUnavailable
+from producer import AsyncClient, CaptionJob, Client, RedisUnavailable
 from producer.cli.blipq import EXIT_REDIS_UNAVAILABLE, main
 from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, free_port
 from producer.protocol.settings import ClientSettings
@@ -30,6 +31,27 @@ def test_a_result_waited_for_while_redis_goes_down_raises_redis_unavailable() ->
         server.close()
     assert 2.0 <= took < 8.0, took
     assert caught.value.url == server.url and "unreachable" in str(caught.value)
+
+
+def test_the_async_client_raises_redis_unavailable_too() -> None:
+    server = EmbeddedRedis().start()
+
+    async def wait_through_the_outage() -> float:
+        settings = ClientSettings(redis_url=server.url, redis_down_s=2.0)
+        async with AsyncClient(settings=settings) as client:
+            job_id = await client.submit(CaptionJob(image="s3://catalog/never.jpg"))
+            server.stop()
+            started = time.monotonic()
+            with pytest.raises(RedisUnavailable) as caught:
+                await client.result(job_id, timeout=120)
+            assert caught.value.url == server.url
+            return time.monotonic() - started
+
+    try:
+        took = asyncio.run(wait_through_the_outage())
+    finally:
+        server.close()
+    assert 2.0 <= took < 8.0, took
 
 
 def test_a_short_timeout_with_redis_down_is_an_outage_not_a_timeout() -> None:
