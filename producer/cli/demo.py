@@ -17,11 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from producer.client import Client
-from producer.protocol.jobs import CaptionJob, CaptionOutput, JobResult, VqaJob, VqaOutput
+from producer.protocol.jobs import AnyJob, CaptionJob, CaptionOutput, JobResult, VqaJob, VqaOutput
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -157,11 +158,7 @@ def _caption(
         )
         for i in range(count)
     ]
-    with Client(redis_url=redis_url) as client:
-        started = time.perf_counter()
-        ids = client.submit_many(jobs)
-        results = {r.job_id: r for r in client.results(ids, timeout=300)}
-        elapsed = time.perf_counter() - started
+    ids, results, elapsed = _run(redis_url, jobs)
     print(f"\n{'image':<24} {'batch':>5} {'ms':>7}  caption")
     failures = right = checked = 0
     for job, job_id in zip(jobs, ids, strict=True):
@@ -174,6 +171,15 @@ def _caption(
     if checked:
         print(f"shapes-world images: {right} of {checked} captions are the true caption")
     return 1 if failures else 0
+
+
+def _run(redis_url: str, jobs: Sequence[AnyJob]) -> tuple[list[str], dict[str, JobResult], float]:
+    """Submit the jobs, wait for every result: (job ids in order, results by id, seconds)."""
+    with Client(redis_url=redis_url) as client:
+        started = time.perf_counter()
+        ids = client.submit_many(jobs)
+        results = {r.job_id: r for r in client.results(ids, timeout=300)}
+        return ids, results, time.perf_counter() - started
 
 
 def _shapes_questions(expected: dict[str, str]) -> list[tuple[str, str, str | None]]:
@@ -193,11 +199,7 @@ def _any_questions(uris: list[str]) -> list[tuple[str, str, str | None]]:
 def _ask(redis_url: str, questions: list[tuple[str, str, str | None]]) -> int:
     """VQA jobs on the BLIP-2 model; rows with a truth say whether the answer is right."""
     jobs = [VqaJob(image=uri, model=MODEL_NAME, question=q) for uri, q, _ in questions]
-    with Client(redis_url=redis_url) as client:
-        started = time.perf_counter()
-        ids = client.submit_many(jobs)
-        results = {r.job_id: r for r in client.results(ids, timeout=300)}
-        elapsed = time.perf_counter() - started
+    ids, results, elapsed = _run(redis_url, jobs)
     print(f"\n{'image':<16} {'question':<30} answer")
     failures = right = checked = 0
     for (uri, question, truth), job_id in zip(questions, ids, strict=True):
