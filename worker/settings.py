@@ -130,14 +130,15 @@ class Settings(S3Settings, ClientSettings):
     )
 
     # --- processes ---
-    intake_processes: int = Field(
-        default=0,
-        ge=0,
-        le=256,
+    intake_processes: Literal["auto"] | Annotated[int, Field(ge=0, le=256)] = Field(
+        default="auto",
         description="blipq-worker: 0 = one process (the Celery consumer, its threads and the "
         "model thread share one GIL); N = a model process that only batches and runs the "
         "models, and N intake processes (Celery consumers with threads) that fetch, decode, "
-        "preprocess, hand pixels over through shared memory, store results and acknowledge.",
+        "preprocess, hand pixels over through shared memory, store results and acknowledge; "
+        "auto = on a CUDA device the worker's cores minus one, at least 1 (its CPU affinity, "
+        "capped by a container's CPU limit), and 0 on the CPU (the model pass wants the cores "
+        "there).",
     )
     model_socket: str | None = Field(
         default=None,
@@ -285,6 +286,13 @@ class Settings(S3Settings, ClientSettings):
         if not self.serve:
             raise ValueError("BLIPQ_SERVE is empty: name at least one model to serve")
         return self
+
+    def intake_count(self, *, cuda: bool, cores: int) -> int:
+        """The intake processes ``blipq-worker`` starts: an explicit count, or for ``auto`` the
+        worker's ``cores`` minus one (at least 1) when the models run on CUDA, else 0."""
+        if self.intake_processes != "auto":
+            return self.intake_processes
+        return max(1, cores - 1) if cuda else 0
 
     @property
     def worker_concurrency(self) -> int:

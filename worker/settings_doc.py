@@ -93,6 +93,10 @@ def _type_name(annotation: object, *, split: bool = False) -> str:
         if len(args) == 1:
             return _type_name(args[0], split=split)
         return " or ".join(_type_name(arg, split=split) for arg in args)
+    if origin is typing.Annotated:  # a member of a union with limits of its own
+        base, *extras = typing.get_args(annotation)
+        meta = [m for e in extras for m in (e.metadata if isinstance(e, FieldInfo) else [e])]
+        return ", ".join([_type_name(base), *[limit for m in meta if (limit := _limit(m))]])
     if origin is typing.Literal:
         return " \\| ".join(f"`{arg}`" for arg in args)
     if origin is list:

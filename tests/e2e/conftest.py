@@ -74,6 +74,8 @@ def worker_env(
         "BLIPQ_LOG_EVERY_TASK": "true",
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        # One process unless a test asks for the split (auto splits a worker on a CUDA machine).
+        "BLIPQ_INTAKE_PROCESSES": "0",
     }
     env.update(extra)
     return env

@@ -52,6 +52,7 @@ def test_every_row_has_four_cells() -> None:
         ("BLIPQ_MODELS", "JSON object", "`{}`"),
         ("BLIPQ_TASK_TIME_LIMIT_S", "number, > 0", "`600.0`"),
         ("BLIPQ_S3_CONNECT_TIMEOUT_S", "number, > 0", "`5.0`"),
+        ("BLIPQ_INTAKE_PROCESSES", "`auto` or integer, >= 0, <= 256", "`auto`"),
     ],
 )
 def test_rows_show_type_limits_and_default(variable: str, kind: str, default: str) -> None:

@@ -1,14 +1,16 @@
 """``blipq-worker [celery worker options]``: one command starts a worker.
 
-With ``BLIPQ_INTAKE_PROCESSES=0`` (the default) it becomes ``celery -A worker.celery.app worker``
-itself (one process). With N > 0 it starts the model process (``worker.split.modelproc``) and N
-intake processes (``celery -A worker.celery.app worker`` each, named ``NAME-i@HOST``, reaching
-the model process through ``BLIPQ_MODEL_SOCKET``) and watches them: a model process that dies is
-started again (the intake processes' jobs in it run again, ``worker.split.remote``), an intake
-process that dies is started again (the broker redelivers its messages). SIGTERM stops the
-intake processes first (each drains its jobs, which need the model process), then the model
-process. Every child dies with the launcher (``PR_SET_PDEATHSIG``), so a SIGKILL of the launcher
-ends the whole worker, as it ends a one-process worker.
+With ``BLIPQ_INTAKE_PROCESSES=0`` it becomes ``celery -A worker.celery.app worker`` itself (one
+process). ``auto``, the default, is the worker's cores minus one (at least 1) when the models
+run on CUDA, and 0 on the CPU (``intake_processes``). With N > 0 it starts the model process
+(``worker.split.modelproc``) and N intake processes (``celery -A worker.celery.app worker`` each,
+named ``NAME-i@HOST``, reaching the model process through ``BLIPQ_MODEL_SOCKET``) and watches
+them: a model process that dies is started again (the intake processes' jobs in it run again,
+``worker.split.remote``), an intake process that dies is started again (the broker redelivers
+its messages). SIGTERM stops the intake processes first (each drains its jobs, which need the
+model process), then the model process. Every child dies with the launcher
+(``PR_SET_PDEATHSIG``), so a SIGKILL of the launcher ends the whole worker, as it ends a
+one-process worker.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import shutil
 import signal
@@ -62,11 +65,53 @@ def _node(name: str, index: int) -> str:
     return f"{base}-{index}{at}{host}"
 
 
+def intake_processes(settings: Settings) -> int:
+    """How many intake processes to start: ``BLIPQ_INTAKE_PROCESSES``, ``auto`` resolved against
+    the placement of the models and the cores this process may run on (its CPU affinity)."""
+    if settings.intake_processes != "auto":
+        return settings.intake_processes
+    return settings.intake_count(cuda=on_cuda(settings.device), cores=worker_cores())
+
+
+def worker_cores() -> int:
+    """The cores this worker may run on: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a container's CPU limit: Kubernetes ``limits.cpu``, ``docker --cpus``) where there is one."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = CPU_MAX.read_text().split()[:2]
+        limit = math.ceil(int(quota) / int(period))
+    except (OSError, ValueError):  # no cgroup v2 file here, or "max": no quota
+        return cores
+    return max(1, min(cores, limit))
+
+
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+"""The CPU quota of this process's cgroup (v2, as a container sees its own): ``QUOTA PERIOD``."""
+
+
+def on_cuda(device: str) -> bool:
+    """Whether the models will run on CUDA (``BLIPQ_DEVICE``; ``auto``: a CUDA device is there)."""
+    if device != "auto":
+        return device.startswith("cuda")
+    if not _gpu_driver():
+        return False  # importing torch (seconds) would say the same
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _gpu_driver() -> bool:
+    """A GPU driver's device file: NVIDIA's ``/dev/nvidiaN``, ROCm's ``/dev/kfd``, WSL's
+    ``/dev/dxg``."""
+    dev = Path("/dev")
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists() or (dev / "dxg").exists()
+
+
 class Supervisor:
     """The model process and the intake processes of one worker."""
 
-    def __init__(self, settings: Settings, args: list[str]) -> None:
-        self.count = settings.intake_processes
+    def __init__(self, settings: Settings, args: list[str], count: int) -> None:
+        self.count = count
         self.args = args
         self.dir = Path(tempfile.mkdtemp(prefix="blipq-worker-"))
         self.socket = str(self.dir / "model.sock")
@@ -156,12 +201,18 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     settings = Settings()
-    if settings.intake_processes == 0:
+    count = intake_processes(settings)
+    if count == 0:
         os.execv(sys.executable, [sys.executable, *CELERY, *args])
     logging.basicConfig(
         level=logging.INFO, format="[%(asctime)s: %(levelname)s/launch] %(message)s"
     )
-    return Supervisor(settings, args).run()
+    log.warning(
+        "blipq-worker: a model process and %d intake processes (BLIPQ_INTAKE_PROCESSES=%s)",
+        count,
+        settings.intake_processes,
+    )
+    return Supervisor(settings, args, count).run()
 
 
 if __name__ == "__main__":
