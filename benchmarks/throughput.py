@@ -59,6 +59,7 @@ from benchmarks.modes import (
     s3_client,
 )
 from benchmarks.processes import FloorMulti, ProcessCpu, S3Address, ms_per_image
+from benchmarks.raypeer import ModelSpec, RayData, RayKnobs
 
 GOALS = {
     "blipq/bare": (">=", 0.90),
@@ -119,6 +120,8 @@ class Options:
     sim_batch: int | None = None
     floor_multi: list[tuple[int, int]] = field(default_factory=list)
     intake_processes: list[int] = field(default_factory=list)
+    ray: list[RayKnobs] = field(default_factory=list)
+    worker_intake: int | None = None
 
     @property
     def sim_capacity(self) -> float:
@@ -198,6 +201,11 @@ def measure(mode: Mode, keys: list[str], meter: CpuMeter) -> Sample:
     started = time.perf_counter()
     images = mode.run(keys)
     seconds = time.perf_counter() - started
+    steady = getattr(mode, "steady", None)
+    if steady is not None:
+        # A mode that starts itself anew each run (Ray Data's actor pools) reports its rate
+        # from its first output on; the start-up is reported apart.
+        images, seconds = steady
     return Sample(images, seconds, meter.read() - cpu, round(load, 2))
 
 
@@ -252,16 +260,18 @@ def _record(report: Report, samples: dict[str, list[Sample]], extra: dict[str, A
 
 def _ratio(report: Report, samples: dict[str, list[Sample]], top: str, base: str) -> None:
     per_round = [a.rate / b.rate for a, b in zip(samples[top], samples[base], strict=True)]
+    report.ratios[f"{top}/{base}"] = {
+        "median": round(statistics.median(per_round), 3),
+        "rounds": [round(x, 3) for x in per_round],
+    }
+    if base.startswith("ray") or top.startswith("ray"):
+        return  # Ray's worker processes come and go with each run: their CPU is not metered
     cpu = [
         (b.cpu_s / b.images) / (a.cpu_s / a.images)
         for a, b in zip(samples[top], samples[base], strict=True)
     ]
-    report.ratios[f"{top}/{base}"] = {
-        "median": round(statistics.median(per_round), 3),
-        "rounds": [round(x, 3) for x in per_round],
-        # The same comparison on CPU seconds per image (base / top: > 1 means top is cheaper).
-        "cpu_efficiency": round(statistics.median(cpu), 3),
-    }
+    # The same comparison on CPU seconds per image (base / top: > 1 means top is cheaper).
+    report.ratios[f"{top}/{base}"]["cpu_efficiency"] = round(statistics.median(cpu), 3)
 
 
 # --- the two benchmarks --------------------------------------------------------------------------
@@ -293,6 +303,8 @@ def _blipq_env(opts: Options, servers: Servers, name: str, entry: dict[str, Any]
         env["BLIPQ_TORCH_THREADS"] = str(opts.torch_threads)
     if not opts.sdpa:
         env["BLIPQ_SDPA_ATTENTION"] = "false"
+    if opts.worker_intake is not None:
+        env["BLIPQ_INTAKE_PROCESSES"] = str(opts.worker_intake)
     env["BLIPQ_DEVICE"], env["BLIPQ_DTYPE"] = opts.placement()
     return env
 
@@ -425,6 +437,17 @@ def bench_model(
             for mode in modes:
                 mode.keys = keys
                 mode.warm()
+            spec = ModelSpec(
+                source,
+                tuple(opts.generate_kwargs.items()),
+                device,
+                dtype,
+                opts.torch_threads,
+                opts.sdpa,
+            )
+            peer = _ray_peer(report, opts, servers, "ray", "obvious", spec, todo)
+            if peer is not None:
+                modes.append(peer)
             _log(f"warm; torch threads here: {torch.get_num_threads()}")
             sweep = {}
             for size in opts.batch_sizes:
@@ -444,7 +467,7 @@ def bench_model(
                 _log(f"SDPA attention: x{statistics.median(gains):.3f} at batch {size}")
             samples = rounds(modes, todo, opts.rounds, meter)
             _record(report, samples, {"bare": {"batch_size": bare.batch_size}})
-            for base in ("bare", "seed_loop", "celery_naive"):
+            for base in ("bare", "seed_loop", "celery_naive") + (("ray",) if peer else ()):
                 _ratio(report, samples, "blipq", base)
             # The most any batching system could gain over the seed loop on this machine.
             _ratio(report, samples, "bare", "seed_loop")
@@ -516,6 +539,11 @@ def bench_null(report: Report, opts: Options, servers: Servers) -> None:
             multi = _floor_multi(report, opts, servers, meter)
             if multi is not None:
                 modes.insert(2, multi)
+            peers = [
+                _ray_peer(report, opts, servers, f"ray_null_{code}", code, ModelSpec(), todo)
+                for code in ("obvious", "blipq")
+            ]
+            modes += [peer for peer in peers if peer is not None]
             samples = rounds(modes, todo, opts.rounds, meter)
             threads = {"threads": floor.threads}
             _record(report, samples, {"floor": threads, same_code.name: threads})
@@ -525,6 +553,7 @@ def bench_null(report: Report, opts: Options, servers: Servers) -> None:
                 _ratio(report, samples, "blipq_null", multi.name)
                 report.modes[multi.name]["threads"] = f"{multi.processes}x{multi.threads}"
                 multi.close()
+            _peer_ratios(report, samples, [p for p in peers if p], chunked, multi)
             report.batch_sizes["blipq_null"] = _histogram(blipq)
             if chunked is not None:
                 _ratio(report, samples, "blipq_null_chunked", "floor")
@@ -572,6 +601,61 @@ def _floor_multi(report: Report, opts: Options, servers: Servers, meter: CpuMete
             floor.close()
     report.sweeps["floor_multi_images_per_s_by_processes_x_threads"] = sweep
     return None if best is None else best[1]
+
+
+def _peer_ratios(
+    report: Report,
+    samples: dict[str, list[Sample]],
+    peers: list[RayData],
+    chunked: Blipq | None,
+    multi: FloorMulti | None,
+) -> None:
+    for peer in peers:
+        _ratio(report, samples, "blipq_null", peer.name)
+        if chunked is not None:
+            _ratio(report, samples, chunked.name, peer.name)
+        if multi is not None:
+            _ratio(report, samples, peer.name, multi.name)
+
+
+def _ray_peer(
+    report: Report,
+    opts: Options,
+    servers: Servers,
+    name: str,
+    code: str,
+    spec: ModelSpec,
+    todo: list[str],
+) -> RayData | None:
+    """Ray Data with each of ``--ray`` knob settings on ``todo`` once; the best, warm."""
+    if not opts.ray:
+        return None
+    from benchmarks import raypeer
+
+    if "ray_init_s" not in report.machine:
+        report.machine["ray_init_s"] = raypeer.start(os.cpu_count() or 1)
+    address = S3Address(servers.s3.endpoint_url, servers.s3.access_key, servers.s3.secret_key)
+    sweep: dict[str, float] = {}
+    best: tuple[float, RayData] | None = None
+    for knobs in opts.ray:
+        peer = RayData(name, address, code, spec, knobs)
+        peer.keys = servers.keys
+        peer.warm()
+        images = peer.run(todo)
+        rate = images / (peer.steady[1] if peer.steady else peer.wall_s)
+        sweep[str(knobs)] = round(rate, 2)
+        _log(f"{name} sweep: {knobs}: {rate:.1f} images/s, start-up {peer.startup_s} s apart")
+        if best is None or rate > best[0]:
+            best = (rate, peer)
+    assert best is not None
+    report.sweeps[f"{name}_images_per_s_by_knobs"] = sweep
+    peer = best[1]
+    peer.warm()
+    report.notes.append(
+        f"{name}: {peer.knobs}; Ray Data's start-up per run (median run of one batch): "
+        f"{peer.startup_s} s, taken out of each round's time"
+    )
+    return peer
 
 
 def intake_scaling(
@@ -706,7 +790,7 @@ def _modes_table(report: Report) -> list[str]:
     out += ["", "| ratio | median of rounds | rounds | CPU-time ratio |", "|---|---:|---|---:|"]
     for name, r in report.ratios.items():
         rounds_ = ", ".join(f"{x:.3f}" for x in r["rounds"])
-        cpu = "-" if r["cpu_efficiency"] is None else f"{r['cpu_efficiency']:.3f}"
+        cpu = "-" if r.get("cpu_efficiency") is None else f"{r['cpu_efficiency']:.3f}"
         out.append(f"| {name} | {r['median']:.3f} | {rounds_} | {cpu} |")
     return out
 
@@ -821,6 +905,21 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         "BLIPQ_INTAKE_PROCESSES, e.g. 0,1,2 (0 = one process; N = a model process and N intake "
         "processes), each a worker of its own",
     )
+    add(
+        "--ray",
+        nargs="?",
+        const="1x4x16,2x4x16,2x8x32",
+        default="",
+        metavar="AxTxB,...",
+        help="also run Ray Data peers (pip install 'blipq[bench]'), sweeping A preprocessing "
+        "actors x T threads each x batch size B (default when given without a value: "
+        "1x4x16,2x4x16,2x8x32)",
+    )
+    add(
+        "--worker-intake",
+        type=int,
+        help="BLIPQ_INTAKE_PROCESSES of the blipq worker (default: the worker's own default)",
+    )
     add("--json", type=Path, help="also write the report as JSON to this path")
     a = parser.parse_args(argv)
     if a.sim_model and a.null_model:
@@ -856,7 +955,24 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         sim_batch=sim_batch,
         floor_multi=_floor_multi_sweep(parser, a.floor_multi),
         intake_processes=_counts(parser, a.intake_processes),
+        ray=_ray_sweep(parser, a.ray),
+        worker_intake=a.worker_intake,
     )
+
+
+def _ray_sweep(parser: argparse.ArgumentParser, value: str) -> list[RayKnobs]:
+    sweep = []
+    for part in filter(None, value.split(",")):
+        fields = part.split("x")
+        if len(fields) != 3 or not all(f.isdigit() and int(f) >= 1 for f in fields):
+            parser.error(f"--ray is ACTORSxTHREADSxBATCH,..., e.g. 2x4x16, not {part!r}")
+        sweep.append(RayKnobs(*(int(f) for f in fields)))
+    if sweep:
+        from benchmarks import raypeer
+
+        if not raypeer.available():
+            parser.error("--ray needs Ray Data: pip install 'blipq[bench]'")
+    return sweep
 
 
 def _counts(parser: argparse.ArgumentParser, value: str) -> list[int]:
@@ -950,6 +1066,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert source is not None
             bench_model(report, opts, servers, source, paths)
     finally:
+        if opts.ray:
+            from benchmarks import raypeer
+
+            raypeer.stop()
         s3_server.close()
         redis_server.close()
     report.machine["loadavg_at_end"] = _loadavg()

@@ -72,3 +72,32 @@ def test_intake_processes_scaling_counts() -> None:
     assert parse(["--null-model", "--intake-processes", "0,1,2"]).intake_processes == [0, 1, 2]
     with pytest.raises(SystemExit):
         parse(["--intake-processes", "one"])
+
+
+def test_ray_peers_sweep_actors_threads_and_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import raypeer
+
+    monkeypatch.setattr(raypeer, "available", lambda: True)
+    assert parse([]).ray == []
+    knobs = parse(["--null-model", "--ray", "1x4x16,2x8x32"]).ray
+    assert knobs == [raypeer.RayKnobs(1, 4, 16), raypeer.RayKnobs(2, 8, 32)]
+    assert len(parse(["--ray"]).ray) == 3  # the default sweep
+    for bad in ("2x4", "0x4x16", "axbxc"):
+        with pytest.raises(SystemExit):
+            parse(["--ray", bad])
+
+
+def test_ray_peers_need_the_bench_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import raypeer
+
+    monkeypatch.setattr(raypeer, "available", lambda: False)
+    with pytest.raises(SystemExit):
+        parse(["--ray"])
+    assert "pip install 'blipq[bench]'" in capsys.readouterr().err
+
+
+def test_worker_intake_processes_of_the_measured_worker() -> None:
+    assert parse([]).worker_intake is None
+    assert parse(["--worker-intake", "2"]).worker_intake == 2
