@@ -102,15 +102,18 @@ class Engine:
 
     # --- one job ---------------------------------------------------------------------------------
 
-    def handle(self, job_id: str, payload: object, submitted_at: float | None) -> JobResult:
-        """Run one job to a result. Raises only Retryable (the task layer retries it)."""
+    def handle(
+        self, job_id: str, payload: object, submitted_at: float | None, *, alone: bool = False
+    ) -> JobResult:
+        """Run one job to a result. Raises only Retryable (the task layer retries it).
+        ``alone``: a suspect (``worker.delivery.quarantine``), run in a batch of its own."""
         started = time.perf_counter()
         queue_wait_ms = max(0.0, (time.time() - submitted_at) * 1000) if submitted_at else 0.0
         kind = payload.get("kind", "unknown") if isinstance(payload, dict) else "unknown"
         model = payload.get("model") if isinstance(payload, dict) else None
         extra: dict[str, Any] = {"model": model, "worker": self.worker_name}
         try:
-            result = self._run(job_id, payload, started, submitted_at)
+            result = self._run(job_id, payload, started, submitted_at, alone)
         except Retryable:
             raise
         except JobFailure as exc:
@@ -128,7 +131,7 @@ class Engine:
         return result
 
     def _run(
-        self, job_id: str, payload: object, started: float, submitted_at: float | None
+        self, job_id: str, payload: object, started: float, submitted_at: float | None, alone: bool
     ) -> JobResult:
         job = decode_job(payload)
         if job.expired(time.time(), submitted_at):
@@ -149,7 +152,10 @@ class Engine:
             image = images.decode(data, self.limits, self._draft_side(runner))
             item = runner.prepare(job, image)
             fetched = time.perf_counter()
-            future = self.model.submit((runner.name, runner.group_key(item)), item)
+            key: tuple[Any, ...] = (runner.name, runner.group_key(item))
+            if alone:  # its own group: no other job shares its batch, in any process
+                key = (*key, ("alone", job_id))
+            future = self.model.submit(key, item)
         finally:
             self.model.preparing(runner.name, -1)
         try:

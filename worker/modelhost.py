@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -60,6 +60,9 @@ class ModelHost:
         self._preparing_lock = threading.Lock()
         self.oom = BatchSizeLimiter()
         self.batcher = Batcher(self._run_batch, self._policy, idle=self._nothing_preparing)
+        self.on_batch: Callable[[list[Any]], None] | None = None
+        """Called by the model thread with a batch's items just before it runs them (the model
+        process tells intake processes which of their jobs are running)."""
 
     def preparing(self, model: str, delta: int) -> None:
         with self._preparing_lock:
@@ -94,6 +97,8 @@ class ModelHost:
 
     def _run_batch(self, key: Hashable, items: list[Any]) -> Sequence[Done]:
         runner = self.runners[key[0]]  # type: ignore[index]
+        if self.on_batch is not None:
+            self.on_batch(items)
         started = time.perf_counter()
         outputs = self.oom.run(runner.name, items, runner.run_batch)
         elapsed_s = time.perf_counter() - started

@@ -66,13 +66,13 @@ def private_redis() -> Iterator[EmbeddedRedis]:
     server.close()
 
 
-def _upload(s3_server: EmbeddedS3) -> None:
+def _upload(s3_server: EmbeddedS3, bucket: str = "drill") -> None:
     s3 = s3_server.client()
-    s3.create_bucket(Bucket="drill")
+    s3.create_bucket(Bucket=bucket)
     images = sample_jpegs(5, seed=66)
     for index, data in enumerate(images[:4]):
-        s3.put_object(Bucket="drill", Key=f"{index}.jpg", Body=data)
-    s3.put_object(Bucket="drill", Key=POISON.removeprefix("s3://drill/"), Body=images[4])
+        s3.put_object(Bucket=bucket, Key=f"{index}.jpg", Body=data)
+    s3.put_object(Bucket=bucket, Key=POISON.removeprefix("s3://drill/"), Body=images[4])
 
 
 def drill_env(redis_server: EmbeddedRedis, s3_server: EmbeddedS3) -> dict[str, str]:
@@ -93,8 +93,8 @@ def drill_env(redis_server: EmbeddedRedis, s3_server: EmbeddedS3) -> dict[str, s
     )
 
 
-def _jobs(count: int) -> list[CaptionJob]:
-    return [CaptionJob(image=f"s3://drill/{i % 4}.jpg", model="drill") for i in range(count)]
+def _jobs(count: int, bucket: str = "drill") -> list[CaptionJob]:
+    return [CaptionJob(image=f"s3://{bucket}/{i % 4}.jpg", model="drill") for i in range(count)]
 
 
 @pytest.mark.slow
@@ -171,3 +171,74 @@ def _explain(store: redis.Redis, job_ids: list[str], supervisor: Supervisor) -> 
             f"queued={job_id in queued} deaths={supervisor.deaths} log={mentions}"
         )
     return "\n".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_job_that_kills_the_model_process_of_a_split_worker_is_dead_lettered(
+    private_redis: EmbeddedRedis, s3_server: EmbeddedS3
+) -> None:
+    """The same drill against ``blipq-worker`` with 2 intake processes: the poison job kills the
+    model process (the launcher starts it again), never an intake process. Each death is seen
+    by the intake process holding the job of the batch that was running; only deaths while it
+    runs alone count, and the jobs that shared its first batch run once more, alone, and
+    complete."""
+    _upload(s3_server, bucket="split-drill")
+    env = drill_env(private_redis, s3_server)
+    # Jobs wait in the intake processes while the model process restarts: no redelivery of a
+    # message still held.
+    env.update(BLIPQ_INTAKE_PROCESSES="2", BLIPQ_VISIBILITY_TIMEOUT_S="600")
+    env["BLIPQ_REAP_AFTER_S"] = "600"
+    worker = WorkerProcess(env, cwd=REPO, name="split-drill@%h").start()
+    client = Client(redis_url=private_redis.url)
+    store = redis.Redis.from_url(private_redis.url)
+    poison = POISON.replace("s3://drill/", "s3://split-drill/")
+    started = time.monotonic()
+    try:
+        before = client.submit_many(_jobs(20, "split-drill"))
+        poison_id = client.submit(CaptionJob(image=poison, model="drill"))
+        after = client.submit_many(_jobs(20, "split-drill"))
+        ids = [*before, poison_id, *after]
+        results: dict[str, JobResult] = {}
+        try:
+            for result in client.results(ids, timeout=200):
+                assert result.job_id not in results
+                results[result.job_id] = result
+        except ResultTimeout:
+            missing = [i for i in ids if i not in results]
+            pytest.fail(f"no result for {missing}:\n{worker.log()[-6000:]}")
+        deaths_at_poison = worker.log().count("fault injection")
+        later = client.submit_many(_jobs(10, "split-drill"))
+        later_results = list(client.results(later, timeout=60))
+        assert worker.proc is not None
+        intakes_alive = worker.proc.poll() is None
+    finally:
+        code = worker.stop()
+        client.close()
+    elapsed = time.monotonic() - started
+    log = worker.log()
+
+    poisoned = results.pop(poison_id)
+    assert poisoned.error is not None and poisoned.error.code is ErrorCode.POISON, poisoned
+    assert f"died {MAX_DELIVERIES} times running alone" in poisoned.error.message
+    # Its first start (in a batch) and MAX_DELIVERIES starts alone each killed the model
+    # process, and nothing else did; no intake process died.
+    starts = 1 + MAX_DELIVERIES
+    assert deaths_at_poison == starts, log[-6000:]
+    assert log.count("fault injection") == starts
+    restarts = [line for line in log.splitlines() if "starting it again" in line]
+    assert len(restarts) == starts, restarts
+    assert all("model process exited -9" in line for line in restarts), restarts
+    others = {**results, **{r.job_id: r for r in later_results}}
+    assert len(others) == 50
+    assert all(r.ok for r in others.values()), Counter(
+        r.error.code for r in others.values() if r.error
+    )
+    events = Counter(f[b"job_id"].decode() for _, f in store.xrange(RESULTS_STREAM))
+    assert set(events) == {*others, poison_id} and max(events.values()) == 1
+    dead = [json.loads(raw) for raw in store.lrange(DEAD_LETTER, 0, -1)]
+    assert [(d["job_id"], d["payload"]["image"]) for d in dead] == [(poison_id, poison)]
+    assert not store.exists(DELIVERIES_KEY.format(job_id=poison_id))
+    assert intakes_alive and code == 0, log[-4000:]
+    store.close()
+    print(f"split poison drill: {starts} model process deaths, {elapsed:.1f}s")

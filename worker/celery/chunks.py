@@ -33,7 +33,7 @@ from producer.protocol.errors import Retryable
 from producer.protocol.jobs import ErrorCode, JobResult, encode_result, model_of
 from producer.protocol.keys import CHUNK_STARTED_KEY, LEDGER, TASK_RUN_JOB, queue_for
 from worker.celery.backend import stored_answer
-from worker.delivery.policy import kind_of
+from worker.delivery.policy import DiedRunning, kind_of
 from worker.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,12 @@ class ChunkRunner:
                 return 0
             try:
                 result = engine.handle(job_id, entry.payload, submitted_at)
+            except DiedRunning as exc:
+                # The model process died in this job's batch: its start count stays, and
+                # run_job judges it as a suspect.
+                log.warning("job %s: %s; sent on alone", job_id, exc.message)
+                self._send_alone(entry, submitted_at, queue)
+                return 0
             except Retryable as exc:
                 countdown = engine.policy.retry_in(0)
                 if countdown is not None:

@@ -21,6 +21,7 @@ from producer.protocol.jobs import encode_result
 from producer.protocol.keys import TASK_RUN_CHUNK, TASK_RUN_JOB
 from worker.celery.app import app, services
 from worker.celery.backend import WorkerResultBackend, stored_answer
+from worker.delivery.policy import DiedRunning
 from worker.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,25 @@ def _run_job(task: JobTask, job: Any, submitted_at: float | None) -> dict[str, A
     log.warning("job %s: %d earlier start(s) did not finish; running it alone", job_id, earlier)
     with engine.quarantine.alone():
         engine.deliveries.restart(job_id)
-        return _run(task, engine, job_id, job, submitted_at)
+        return _run(task, engine, job_id, job, submitted_at, alone=True)
 
 
 def _run(
-    task: JobTask, engine: Engine, job_id: str, job: Any, submitted_at: float | None
+    task: JobTask,
+    engine: Engine,
+    job_id: str,
+    job: Any,
+    submitted_at: float | None,
+    *,
+    alone: bool = False,
 ) -> dict[str, Any]:
     try:
-        result = engine.handle(job_id, job, submitted_at)
+        result = engine.handle(job_id, job, submitted_at, alone=alone)
+    except DiedRunning as exc:
+        # The model process died in this job's batch: an unfinished start, its count kept. It
+        # comes back at once, to be judged as a suspect (run alone, or dead-lettered).
+        log.warning("job %s: %s; it runs again", job_id, exc.message)
+        raise task.retry(exc=exc, countdown=0) from exc
     except Retryable as exc:
         attempt = task.request.retries
         countdown = engine.policy.retry_in(attempt)

@@ -5,7 +5,9 @@ backoff, up to ``s3_max_attempts`` tries, then answered ``storage_unavailable``.
 on its own deaths: a first start that did not finish (in a batch, perhaps beside the job that
 really killed the worker) makes it a suspect, which then runs alone; a job that died
 ``max_deliveries`` times running alone is poison: dead-lettered and answered ``poison``, never
-run again.
+run again. A worker's death is seen as an unfinished start when the job comes back; the death
+of a split worker's model process is seen at once, by the intake process that holds the job
+(``DiedRunning``), and judged the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from producer.protocol.keys import DEAD_LETTER
 
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 """Seconds before try n + 1 of a transiently failing job."""
+
+
+class DiedRunning(Retryable):
+    """The process running the job's batch died while it ran (a split worker's model process;
+    ``worker.split.remote``): this start did not finish. The job keeps its start count and runs
+    again: a suspect, alone, counted only while alone, as after a worker's death."""
 
 
 def kind_of(payload: object) -> str:

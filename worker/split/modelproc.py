@@ -4,8 +4,11 @@ It loads and warms up the served models, starts the model thread (``worker.model
 serves intake processes over a Unix socket: each sends how many jobs per model it is preparing
 (``("prep", model, delta)``) and prepared items (``("submit", id, key, item)``, pixels in shared
 memory); each item's answer goes back as ``(id, ok, Done or exception)`` from a sender thread of
-that connection, so the model thread only runs batches. It prints ``model process ready`` once
-it listens. An intake process that goes away takes its "preparing" counts with it.
+that connection, so the model thread only runs batches. Before it runs a batch, the model thread
+itself sends each intake process the ids of its items in it (``("running", [id, ...])``): if the
+process dies in that batch, those jobs are the ones whose start did not finish (a poison job is
+among them), the others were only waiting. It prints ``model process ready`` once it listens. An
+intake process that goes away takes its "preparing" counts with it.
 """
 
 from __future__ import annotations
@@ -35,16 +38,49 @@ log = logging.getLogger("blipq.modelproc")
 READY = "model process ready"
 
 
+class _Running:
+    """Which intake process and request each queued item came from, so that the model thread can
+    say, before it runs a batch, whose jobs are in it."""
+
+    def __init__(self) -> None:
+        self._origin: dict[int, tuple[_Intake, int]] = {}  # id(item) -> (intake, request id)
+        self._lock = threading.Lock()
+
+    def add(self, item: Any, intake: _Intake, rid: int) -> None:
+        with self._lock:
+            self._origin[id(item)] = (intake, rid)
+
+    def discard(self, item: Any) -> None:
+        with self._lock:
+            self._origin.pop(id(item), None)
+
+    def announce(self, items: list[Any]) -> None:
+        """Tell each intake process which of its items this batch holds (the model thread
+        sends it before the batch runs, so it is on the socket even if the batch kills us)."""
+        by_intake: dict[_Intake, list[int]] = {}
+        with self._lock:
+            for item in items:
+                origin = self._origin.get(id(item))
+                if origin is not None:
+                    by_intake.setdefault(origin[0], []).append(origin[1])
+        for intake, rids in by_intake.items():
+            intake.send(("running", rids))
+
+
 class _Intake:
     """One connected intake process: its requests in, its answers out."""
 
-    def __init__(self, conn: Connection, host: ModelHost, stager: Stager) -> None:
+    def __init__(
+        self, conn: Connection, host: ModelHost, stager: Stager, running: _Running
+    ) -> None:
         self.conn = conn
         self.host = host
         self.stager = stager
+        self.running = running
         self.prep: Counter[str] = Counter()
         self.attached = Attached()
         self.answers: queue.SimpleQueue[tuple[int, bool, Any] | None] = queue.SimpleQueue()
+        self._send_lock = threading.Lock()  # the sender thread and the model thread send
 
     def serve(self) -> None:
         sender = threading.Thread(target=self._send, name="blipq-answers", daemon=True)
@@ -70,19 +106,42 @@ class _Intake:
 
     def _submit(self, rid: int, key: Hashable, item: Any) -> None:
         try:
-            future = self.host.submit(key, self.stager.stage(self.attached.unpack(item)))
+            staged = self.stager.stage(self.attached.unpack(item))
         except Exception as exc:
             self.answers.put((rid, False, exc))
             return
-        future.add_done_callback(lambda f: self.answers.put(_answer(rid, f)))
+        self.running.add(staged, self, rid)
+        try:
+            future = self.host.submit(key, staged)
+        except Exception as exc:
+            self.running.discard(staged)
+            self.answers.put((rid, False, exc))
+            return
+
+        def answer(done: Future[Any]) -> None:
+            self.running.discard(staged)
+            self.answers.put(_answer(rid, done))
+
+        future.add_done_callback(answer)
+
+    def send(self, message: tuple[Any, ...]) -> bool:
+        """Send one message to the intake process; False if it is gone."""
+        with self._send_lock:
+            try:
+                self.conn.send(message)
+            except OSError:
+                return False
+        return True
 
     def _send(self) -> None:
         while (answer := self.answers.get()) is not None:
             try:
-                self.conn.send(answer)
+                with self._send_lock:
+                    self.conn.send(answer)
             except (pickle.PicklingError, TypeError, AttributeError) as exc:
                 rid, _, value = answer
-                self.conn.send((rid, False, RuntimeError(f"{type(value).__name__}: {exc}")))
+                if not self.send((rid, False, RuntimeError(f"{type(value).__name__}: {exc}"))):
+                    return
             except OSError:
                 return
 
@@ -104,6 +163,8 @@ def serve(settings: Settings, path: str) -> None:
     host = ModelHost(settings, runners, Metrics())
     placement = Placement.from_settings(settings)
     stager = Stager(placement.device, placement.dtype)
+    running = _Running()
+    host.on_batch = running.announce
     host.start()
     listener = Listener(path, family="AF_UNIX")
     os.chmod(path, 0o600)
@@ -121,7 +182,7 @@ def serve(settings: Settings, path: str) -> None:
             conn = listener.accept()
         except OSError:
             break
-        intake = _Intake(conn, host, stager)
+        intake = _Intake(conn, host, stager, running)
         threading.Thread(target=intake.serve, name="blipq-intake-conn", daemon=True).start()
     host.stop(timeout=30)  # what was submitted runs, and its answers go out
     time.sleep(0.2)

@@ -1,10 +1,18 @@
 """An intake process's way to the model process: the engine's ``ModelPort`` over a Unix socket.
 
 ``submit`` writes the item's pixels into shared memory (``worker.split.pixels``), sends the rest
-and returns a Future that a reader thread resolves with the model process's answer. When the
-model process goes away (killed, restarting), every item in it fails with ``Retryable`` (the
-task layer runs the job again later, so nothing is lost) and the client connects again in the
-background; until it has, ``submit`` raises ``Retryable`` at once.
+and returns a Future that a reader thread resolves with the model process's answer. Before it
+runs a batch, the model process says which of this process's items are in it. When the model
+process goes away (killed, crashed, restarting):
+
+- the items of the batch it was running fail with ``ModelProcessDied``: their start did not
+  finish, as when a worker dies, and the task layer judges them so (a job that crashes the model
+  process every time is counted, then dead-lettered: ``worker.delivery.policy``);
+- every other item (waiting in it, or submitted meanwhile) is kept and sent again, with this
+  process's "preparing" counts, once the client has connected to the new model process, which
+  it does in the background.
+
+Only ``stop`` fails the items still waiting, with ``ModelProcessGone`` (``Retryable``).
 """
 
 from __future__ import annotations
@@ -14,20 +22,40 @@ import itertools
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Hashable
 from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection
+from multiprocessing.reduction import ForkingPickler
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 from producer.protocol.errors import Retryable
+from worker.delivery.policy import DiedRunning
 from worker.split.pixels import Arena
 
 log = logging.getLogger(__name__)
 
 
 class ModelProcessGone(Retryable):
-    """The model process ended (or is restarting) while a job needed it."""
+    """This intake process stopped while a job waited for the model process."""
+
+
+class ModelProcessDied(ModelProcessGone, DiedRunning):
+    """The model process died while it ran the batch that held this job."""
+
+
+@dataclass(slots=True)
+class _Request:
+    future: Future[Any]
+    blocks: list[SharedMemory]
+    data: bytes
+    """The pickled ``("submit", ...)`` message: sent again to a new model process."""
+
+
+def _dumps(message: tuple[Any, ...]) -> bytes:
+    return bytes(ForkingPickler.dumps(message))
 
 
 class RemoteModel:
@@ -38,10 +66,13 @@ class RemoteModel:
         self.connect_s = connect_s
         self.arena = Arena()
         self._ids = itertools.count()
-        self._pending: dict[int, tuple[Future[Any], list[SharedMemory]]] = {}
-        self._lock = threading.Lock()
+        self._pending: dict[int, _Request] = {}
+        self._running: set[int] = set()  # ids of the items in the batch being run
+        self._lock = threading.Lock()  # _pending, _running
+        # The connection, this process's "preparing" counts and what is sent: one at a time.
         self._send_lock = threading.Lock()
         self._conn: Connection | None = None
+        self._preparing: Counter[str] = Counter()
         self._stopping = threading.Event()
         self._reader: threading.Thread | None = None
         self.bytes_sent = 0
@@ -64,12 +95,13 @@ class RemoteModel:
 
     def stop(self, timeout: float | None = None) -> None:
         self._stopping.set()
-        conn, self._conn = self._conn, None
+        with self._send_lock:
+            conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
         if self._reader is not None:
             self._reader.join(timeout)
-        self._fail_pending("the worker is stopping")
+        self._fail_pending("this intake process is stopping; the job runs again")
         self.arena.close()
         if self.items_sent:
             log.info(
@@ -81,8 +113,10 @@ class RemoteModel:
             )
 
     def preparing(self, model: str, delta: int) -> None:
-        with contextlib.suppress(ModelProcessGone):  # a new model process starts from zero
-            self._send(("prep", model, delta))
+        data = _dumps(("prep", model, delta))
+        with self._send_lock:
+            self._preparing[model] += delta
+            self._send_now(data)  # without a connection, the counts go with the next one
 
     def wake(self) -> None:
         """Nothing to do: the model process looks again when a preparation ends."""
@@ -91,33 +125,30 @@ class RemoteModel:
         rid = next(self._ids)
         future: Future[Any] = Future()
         packed, blocks = self.arena.pack(item)
-        with self._lock:
-            self._pending[rid] = (future, blocks)
-        try:
-            self.bytes_sent += self._send(("submit", rid, key, packed))
+        data = _dumps(("submit", rid, key, packed))
+        with self._send_lock:
+            if self._stopping.is_set():
+                self.arena.release(blocks)
+                future.set_exception(ModelProcessGone("this intake process is stopping"))
+                return future
+            with self._lock:
+                self._pending[rid] = _Request(future, blocks, data)
+            self.bytes_sent += len(data)
             self.items_sent += 1
-        except ModelProcessGone:
-            self._resolve(rid, False, ModelProcessGone(self._gone_message()))
+            self._send_now(data)  # without a connection, it goes with the next one
         return future
 
     # --- the link ----------------------------------------------------------------------------
 
-    def _send(self, message: tuple[Any, ...]) -> int:
-        from multiprocessing.reduction import ForkingPickler
-
-        data = bytes(ForkingPickler.dumps(message))
-        with self._send_lock:
-            conn = self._conn
-            if conn is None:
-                raise ModelProcessGone(self._gone_message())
-            try:
-                conn.send_bytes(data)
-            except OSError as exc:
-                raise ModelProcessGone(self._gone_message()) from exc
-        return len(data)
-
-    def _gone_message(self) -> str:
-        return "the model process is not running (it is restarting); the job runs again"
+    def _send_now(self, data: bytes) -> bool:
+        """Send on the current connection (the send lock held); False if there is none."""
+        if self._conn is None:
+            return False
+        try:
+            self._conn.send_bytes(data)
+        except OSError:  # the model process is gone: the reader sees it too
+            return False
+        return True
 
     def _read(self) -> None:
         while not self._stopping.is_set():
@@ -125,21 +156,55 @@ class RemoteModel:
             try:
                 if conn is None:
                     raise EOFError
-                rid, ok, value = conn.recv()
+                message = conn.recv()
             except (EOFError, OSError):
                 if self._stopping.is_set():
                     return
-                log.warning("lost the model process; its jobs in flight will run again")
-                with self._send_lock:
-                    self._conn = None
-                self._fail_pending(self._gone_message())
-                conn = self._connect(None)
-                with self._send_lock:
-                    self._conn = conn
-                if conn is not None:
-                    log.info("connected to the model process again")
+                self._lost()
                 continue
-            self._resolve(rid, ok, value)
+            if message[0] == "running":
+                with self._lock:
+                    self._running.update(rid for rid in message[1] if rid in self._pending)
+            else:
+                self._resolve(*message)
+
+    def _lost(self) -> None:
+        """The model process is gone: fail its running batch, keep the rest for its successor."""
+        with self._send_lock:
+            self._conn = None
+        with self._lock:
+            died, self._running = sorted(self._running), set()
+        log.warning(
+            "lost the model process: %d jobs of the batch it was running will run again "
+            "(judged as a worker's death), the others wait for the new model process",
+            len(died),
+        )
+        for rid in died:
+            self._resolve(
+                rid, False, ModelProcessDied("the model process died running this job's batch")
+            )
+        conn = self._connect(None)
+        if conn is None:  # stopping
+            return
+        with self._send_lock:
+            self._conn = conn
+            sent = self._send_again()
+        log.info("connected to the model process again; %d waiting items sent to it", sent)
+
+    def _send_again(self) -> int:
+        """To a new model process (the send lock held): the preparing counts, the waiting items."""
+        for model, count in self._preparing.items():
+            if count:
+                self._send_now(_dumps(("prep", model, count)))
+        with self._lock:
+            waiting = sorted(self._pending.items())
+        sent = 0
+        for rid, request in waiting:
+            if request.future.cancelled():  # its job gave up waiting (the time limit)
+                self._resolve(rid, False, ModelProcessGone("cancelled"))
+            elif self._send_now(request.data):
+                sent += 1
+        return sent
 
     def _connect(self, within_s: float | None) -> Connection | None:
         """Connect, retrying until ``within_s`` passes (None: until stopped)."""
@@ -155,18 +220,16 @@ class RemoteModel:
 
     def _resolve(self, rid: int, ok: bool, value: Any) -> None:
         with self._lock:
-            entry = self._pending.pop(rid, None)
-        if entry is None:
+            request = self._pending.pop(rid, None)
+            self._running.discard(rid)
+        if request is None:
             return
-        future, blocks = entry
-        self.arena.release(blocks)
-        try:
+        self.arena.release(request.blocks)
+        with contextlib.suppress(InvalidStateError):  # the caller gave up on it (time limit)
             if ok:
-                future.set_result(value)
+                request.future.set_result(value)
             else:
-                future.set_exception(value)
-        except InvalidStateError:  # the caller gave up on it (its time limit passed)
-            pass
+                request.future.set_exception(value)
 
     def _fail_pending(self, message: str) -> None:
         with self._lock:

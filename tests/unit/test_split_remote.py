@@ -1,0 +1,115 @@
+"""An intake process's link to the model process when the model process dies: the jobs of the
+batch it was running fail as unfinished starts, every other job goes to its successor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+
+import pytest
+
+from worker.delivery.policy import DiedRunning
+from worker.split.remote import ModelProcessDied, ModelProcessGone, RemoteModel
+
+
+@pytest.fixture
+def link(tmp_path: Path) -> Iterator[tuple[str, RemoteModel]]:
+    path = str(tmp_path / "model.sock")
+    model = RemoteModel(path, connect_s=5)
+    yield path, model
+    model.stop(timeout=5)
+
+
+def _accept(path: str) -> tuple[Listener, Connection]:
+    listener = Listener(path, family="AF_UNIX")
+    return listener, listener.accept()
+
+
+def test_the_running_batch_fails_as_died_and_the_waiting_items_go_to_the_successor(
+    link: tuple[str, RemoteModel],
+) -> None:
+    path, model = link
+    listener = Listener(path, family="AF_UNIX")
+    model.start()
+    conn = listener.accept()
+    model.preparing("m", 2)
+    running = model.submit(("m", "k"), "in the batch")
+    waiting = model.submit(("m", "k"), "queued behind it")
+    assert conn.recv() == ("prep", "m", 2)
+    first, second = conn.recv(), conn.recv()
+    assert (first[0], first[3], second[3]) == ("submit", "in the batch", "queued behind it")
+    # The model thread says which items its batch holds, runs it, and the process dies.
+    conn.send(("running", [first[1]]))
+    conn.close()
+    listener.close()
+
+    with pytest.raises(ModelProcessDied) as died:
+        running.result(timeout=5)
+    assert isinstance(died.value, DiedRunning)
+    assert not waiting.done()
+    meanwhile = model.submit(("m", "k"), "sent while it restarts")
+
+    listener, conn = _accept(path)  # the new model process
+    try:
+        # This process's preparing counts first, then every waiting item, in order.
+        assert conn.recv() == ("prep", "m", 2)
+        again = [conn.recv() for _ in range(2)]
+        assert [m[3] for m in again] == ["queued behind it", "sent while it restarts"]
+        conn.send((again[0][1], True, "output"))
+        assert waiting.result(timeout=5) == "output"
+        model.stop(timeout=5)
+        # Only stopping fails what still waits, and not as a death in its batch.
+        with pytest.raises(ModelProcessGone) as gone:
+            meanwhile.result(timeout=5)
+        assert not isinstance(gone.value, DiedRunning)
+    finally:
+        conn.close()
+        listener.close()
+
+
+def test_answers_before_the_death_leave_nothing_to_blame(link: tuple[str, RemoteModel]) -> None:
+    path, model = link
+    listener = Listener(path, family="AF_UNIX")
+    model.start()
+    conn = listener.accept()
+    done = model.submit(("m", "k"), "answered")
+    message = conn.recv()
+    conn.send(("running", [message[1]]))
+    conn.send((message[1], True, "output"))
+    assert done.result(timeout=5) == "output"
+    conn.close()
+    listener.close()
+    listener, conn = _accept(path)
+    try:
+        later = model.submit(("m", "k"), "after the restart")
+        assert conn.recv()[3] == "after the restart"
+        assert not later.done()
+    finally:
+        conn.close()
+        listener.close()
+
+
+class _FakeIntake:
+    def __init__(self) -> None:
+        self.sent: list[tuple[object, ...]] = []
+
+    def send(self, message: tuple[object, ...]) -> bool:
+        self.sent.append(message)
+        return True
+
+
+def test_the_model_process_names_each_intake_processes_items_before_a_batch_runs() -> None:
+    from worker.split.modelproc import _Running
+
+    one, two = _FakeIntake(), _FakeIntake()
+    running = _Running()
+    items = [object() for _ in range(3)]
+    running.add(items[0], one, 7)  # type: ignore[arg-type]
+    running.add(items[1], two, 1)  # type: ignore[arg-type]
+    running.add(items[2], one, 8)  # type: ignore[arg-type]
+    running.announce(items)
+    assert one.sent == [("running", [7, 8])] and two.sent == [("running", [1])]
+    running.discard(items[1])  # answered
+    running.announce([items[1]])
+    assert two.sent == [("running", [1])]
