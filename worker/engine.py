@@ -203,7 +203,7 @@ def load_runners(
         started = time.perf_counter()
         if intake:
             runners[spec.name] = runner_class(spec.family)(spec, placement)
-            runners[spec.name].load_for_intake()
+            runners[spec.name].load_prepare()
         else:
             runners[spec.name] = load_runner(
                 spec, placement, warmup=settings.warmup, sdpa=settings.sdpa_attention

@@ -64,14 +64,19 @@ class ModelRunner(ABC, Generic[J]):
     def name(self) -> str:
         return self.spec.name
 
-    @abstractmethod
     def load(self) -> None:
-        """Load weights and processor from ``spec.source`` (hub id or local dir)."""
+        """Load from ``spec.source`` (hub id or local dir): the prepare side, then the model."""
+        self.load_prepare()
+        self.load_model()
 
-    def load_for_intake(self) -> None:
-        """Load what ``prepare`` needs, in an intake process (the model process runs the model).
-        By default everything ``load`` loads, on the CPU; a family may load less."""
-        self.load()
+    @abstractmethod
+    def load_prepare(self) -> None:
+        """What ``prepare`` and ``group_key`` need: processor, tokenizer, config, token limits;
+        no weights. An intake process of a split worker loads only this (``worker.split``)."""
+
+    @abstractmethod
+    def load_model(self) -> None:
+        """The model's weights, on ``placement``; called after ``load_prepare``."""
 
     @abstractmethod
     def prepare(self, job: J, image: Image.Image) -> Any:

@@ -68,8 +68,8 @@ class Blip2Generated:
 class Blip2Runner(ModelRunner[Blip2Job]):
     kinds = ("caption", "vqa")
 
-    def load(self) -> None:
-        from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    def load_prepare(self) -> None:
+        from transformers import Blip2Config, Blip2Processor
         from transformers.models.blip import BlipImageProcessorPil
 
         source = self.spec.source
@@ -79,9 +79,7 @@ class Blip2Runner(ModelRunner[Blip2Job]):
         self.image_processor = BlipImageProcessorPil.from_pretrained(source)
         self.tokenizer = self.processor.tokenizer
         self._tokenizer_lock = threading.Lock()
-        model = Blip2ForConditionalGeneration.from_pretrained(source, dtype=self.placement.dtype)
-        self.model = model.to(self.placement.device).eval()
-        config = model.config
+        self.config = config = Blip2Config.from_pretrained(source)
         text = config.text_config
         self.encoder_decoder = bool(text.is_encoder_decoder)
         # Decoder-only LMs continue the last column: pad on the left. T5's encoder masks padding
@@ -103,6 +101,14 @@ class Blip2Runner(ModelRunner[Blip2Job]):
         positions = getattr(text, "max_position_embeddings", None)
         self.lm_positions: int | None = int(positions) if positions else None
         self.max_prompt_tokens = min(MAX_PROMPT_TOKENS, self.lm_positions or MAX_PROMPT_TOKENS)
+
+    def load_model(self) -> None:
+        from transformers import Blip2ForConditionalGeneration
+
+        model = Blip2ForConditionalGeneration.from_pretrained(
+            self.spec.source, dtype=self.placement.dtype
+        )
+        self.model = model.to(self.placement.device).eval()
 
     # --- prompts --------------------------------------------------------------------------------
 

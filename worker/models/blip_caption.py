@@ -38,28 +38,24 @@ class Generated:
 class CaptionRunner(ModelRunner[CaptionJob]):
     kinds = ("caption",)
 
-    def load(self) -> None:
-        from transformers import BlipForConditionalGeneration
-
-        source = self.spec.source
-        self.processor, self.image_processor = load_blip_processor(source)
-        self.tokenizer = self.processor.tokenizer
-        model = BlipForConditionalGeneration.from_pretrained(source, dtype=self.placement.dtype)
-        self.model = model.to(self.placement.device).eval()
-        self.config = self.model.config
-        self._prompts: dict[str, dict[str, torch.Tensor]] = {}
-        self._prompts_lock = threading.Lock()
-
-    def load_for_intake(self) -> None:
-        """The processor and the config: all ``prepare`` needs (no weights)."""
+    def load_prepare(self) -> None:
         from transformers import BlipConfig
 
         source = self.spec.source
         self.processor, self.image_processor = load_blip_processor(source)
         self.tokenizer = self.processor.tokenizer
         self.config = BlipConfig.from_pretrained(source)
-        self._prompts = {}
+        self._prompts: dict[str, dict[str, torch.Tensor]] = {}
         self._prompts_lock = threading.Lock()
+
+    def load_model(self) -> None:
+        from transformers import BlipForConditionalGeneration
+
+        model = BlipForConditionalGeneration.from_pretrained(
+            self.spec.source, dtype=self.placement.dtype
+        )
+        self.model = model.to(self.placement.device).eval()
+        self.config = self.model.config
 
     def group_key(self, item: CaptionItem) -> Hashable:
         job = item.job
@@ -164,7 +160,7 @@ class CaptionRunner(ModelRunner[CaptionJob]):
 
     @property
     def _pad_id(self) -> int:
-        return int(self.model.config.text_config.pad_token_id or 0)
+        return int(self.config.text_config.pad_token_id or 0)
 
     def warmup(self) -> None:
         image = Image.new("RGB", (64, 64), (200, 200, 200))

@@ -71,12 +71,18 @@ class MatchRunner(ModelRunner[MatchJob | ModerationJob]):
         super().__init__(spec, placement)
         self.policies: dict[str, moderation.Policy] = {}
         self._prompt_banks: dict[str, moderation.PromptBank] = {}
+        self.model: Any = None  # loaded by load_model (not in an intake process)
 
-    def load(self) -> None:
-        from transformers import BlipForImageTextRetrieval
+    def load_prepare(self) -> None:
+        from transformers import BlipConfig
 
         self.processor, self.image_processor = load_blip_processor(self.spec.source)
         self.tokenizer = self.processor.tokenizer
+        self.config = BlipConfig.from_pretrained(self.spec.source)
+
+    def load_model(self) -> None:
+        from transformers import BlipForImageTextRetrieval
+
         model = BlipForImageTextRetrieval.from_pretrained(
             self.spec.source, dtype=self.placement.dtype
         )
@@ -89,11 +95,12 @@ class MatchRunner(ModelRunner[MatchJob | ModerationJob]):
         self.use_policies(moderation.load_policies(settings.policy_map()))
 
     def use_policies(self, policies: Mapping[str, moderation.Policy]) -> None:
-        """Serve these policies; encode the prompts of those written for this model now."""
+        """Serve these policies; encode the prompts of those written for this model now (where
+        the model is loaded: an intake process only checks a job's policy)."""
         self.policies = dict(policies)
         self._prompt_banks = {}
         for policy in self.policies.values():
-            if policy.model == self.name:
+            if policy.model == self.name and self.model is not None:
                 self.prompt_bank(policy)
 
     def prompt_bank(self, policy: moderation.Policy) -> moderation.PromptBank:
@@ -112,7 +119,7 @@ class MatchRunner(ModelRunner[MatchJob | ModerationJob]):
         if isinstance(job, ModerationJob):
             return ModerationItem(self.pixels(self.image_processor, image), self._policy(job), job)
         ids = [self.tokenizer(text)["input_ids"] for text in job.texts]
-        limit = text_positions(self.model.config)
+        limit = text_positions(self.config)
         for index, text_ids in enumerate(ids):
             check_tokens(self.name, f"text {index}", len(text_ids), limit, "shorten it")
         return MatchItem(self.pixels(self.image_processor, image), ids, list(job.texts))
@@ -147,7 +154,8 @@ class MatchRunner(ModelRunner[MatchJob | ModerationJob]):
 
     def _moderate(self, items: list[ModerationItem]) -> list[Moderated]:
         policy = items[0].policy
-        if any(item.policy is not policy for item in items):
+        # Equal, not identical: in a split worker's model process each item brings its own copy.
+        if any(item.policy != policy for item in items):
             raise ValueError("moderation items of different policies in one batch")
         with torch.inference_mode():
             bank = self.prompt_bank(policy)

@@ -35,11 +35,16 @@ class Answered:
 class VqaRunner(ModelRunner[VqaJob]):
     kinds = ("vqa",)
 
-    def load(self) -> None:
-        from transformers import BlipForQuestionAnswering
+    def load_prepare(self) -> None:
+        from transformers import BlipConfig
 
         self.processor, self.image_processor = load_blip_processor(self.spec.source)
         self.tokenizer = self.processor.tokenizer
+        self.config = BlipConfig.from_pretrained(self.spec.source)
+
+    def load_model(self) -> None:
+        from transformers import BlipForQuestionAnswering
+
         model = BlipForQuestionAnswering.from_pretrained(
             self.spec.source, dtype=self.placement.dtype
         )
@@ -47,7 +52,7 @@ class VqaRunner(ModelRunner[VqaJob]):
 
     def prepare(self, job: VqaJob, image: Image.Image) -> VqaItem:
         ids = self.tokenizer(job.question, return_tensors="pt")["input_ids"][0]
-        limit = text_positions(self.model.config)
+        limit = text_positions(self.config)
         check_tokens(self.name, "the question", int(ids.shape[0]), limit, "shorten it")
         check_tokens(
             self.name,
@@ -78,7 +83,7 @@ class VqaRunner(ModelRunner[VqaJob]):
                 num_beams=job.num_beams,
                 do_sample=False,
             ).cpu()
-        pad = int(self.model.config.text_config.pad_token_id or 0)
+        pad = int(self.config.text_config.pad_token_id or 0)
         answers = []
         for item, row in zip(items, out, strict=True):
             ids = strip_pad(row.tolist(), pad)

@@ -50,10 +50,13 @@ class NullRunner(ModelRunner[CaptionJob]):
 
     kinds = ("caption",)
 
-    def load(self) -> None:
+    def load_prepare(self) -> None:
         # "null" or "null:224" (another input size); nothing is read from disk.
         _, _, size = self.spec.source.partition(":")
         self.input_size = int(size) if size.isdigit() else INPUT_SIZE
+
+    def load_model(self) -> None:
+        """No model."""
 
     def prepare(self, job: CaptionJob, image: Image.Image) -> NullItem:
         side = self.input_size
@@ -96,7 +99,7 @@ class SimRunner(NullRunner):
     throughput benchmark (``--sim-model 20:32``) measures what the rest of blipq delivers.
     """
 
-    def load(self) -> None:
+    def load_prepare(self) -> None:
         _, _, ms = self.spec.source.partition(":")
         try:
             self.pass_s = float(ms) / 1000
