@@ -58,3 +58,27 @@ def test_an_intake_process_without_its_model_process_ends(tmp_path: Path) -> Non
     with pytest.raises(SystemExit, match="no model process answered"):
         model.start()
     model.stop(timeout=1)
+
+
+def test_small_tensors_reach_a_process_that_is_not_a_child() -> None:
+    """A question's token ids stay in the message: they must arrive by value in the model
+    process, which multiprocessing's own pickler (file descriptors) cannot reach."""
+    import subprocess
+    import sys
+
+    from worker.split.remote import _dumps
+
+    arena = Arena()
+    item = Item(torch.zeros(2), torch.tensor([101, 2054, 102]), CaptionJob(image="s3://bkt/k.jpg"))
+    packed, _ = arena.pack(item)
+    read = "import pickle, sys; print(pickle.loads(sys.stdin.buffer.read())[3].ids.tolist())"
+    out = subprocess.run(
+        [sys.executable, "-c", read],
+        input=_dumps(("submit", 0, ("m",), packed)),
+        capture_output=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=120,
+    )
+    assert out.stdout.decode().strip() == "[101, 2054, 102]"
+    arena.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import pickle
 import threading
 import time
 from collections import Counter
@@ -27,7 +28,6 @@ from collections.abc import Hashable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection
-from multiprocessing.reduction import ForkingPickler
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -55,7 +55,11 @@ class _Request:
 
 
 def _dumps(message: tuple[Any, ...]) -> bytes:
-    return bytes(ForkingPickler.dumps(message))
+    """A message to the model process, as bytes. Plain pickle: multiprocessing's ForkingPickler
+    would send a small tensor (a question's token ids) as a file descriptor that the receiver
+    fetches from this process, which only a multiprocessing child of it may do, and the model
+    process is not one. Small tensors travel by value; large ones are in shared memory."""
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class RemoteModel:
