@@ -87,9 +87,18 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("batcher is stopped")
-            group = self._groups.setdefault(key, _Group())
+            group = self._groups.get(key)
+            new = group is None
+            if group is None:
+                group = self._groups[key] = _Group()
             group.items.append(_Item(payload, future, self._now()))
-            self._cond.notify()
+            # Wake the model thread only when this item can change what it does: a new group
+            # (a deadline it is not waiting for), a full one, or one nobody is adding to. Else it
+            # is running a batch or waiting for this group's deadline, which this item does not
+            # move. On a busy worker that spares a thread switch per item (the switch, taken
+            # while holding the GIL, was 29 % of the GIL's time under a full queue: py-spy --gil).
+            if new or len(group.items) >= self._policy(key).max_size or self._is_idle(key):
+                self._cond.notify()
         return future
 
     def wake(self) -> None:
@@ -150,7 +159,7 @@ class Batcher:
         for key, group in self._groups.items():
             policy = self._policy(key)
             oldest = group.items[0].enqueued
-            idle = self._idle is not None and self._idle(key)
+            idle = self._is_idle(key)
             due = oldest + self._wait_s(key, policy, idle)
             full = len(group.items) >= policy.max_size
             if force or full or due <= now or idle:
@@ -167,6 +176,9 @@ class Batcher:
         if not group.items:
             del self._groups[key]
         return (key, items), None
+
+    def _is_idle(self, key: Hashable) -> bool:
+        return self._idle is not None and self._idle(key)
 
     def _wait_s(self, key: Hashable, policy: BatchPolicy, idle: bool) -> float:
         """How long the oldest item of a group that is not full may wait for company."""

@@ -67,7 +67,8 @@ class ModelHost:
     def preparing(self, model: str, delta: int) -> None:
         with self._preparing_lock:
             self._preparing[model] += delta
-        if delta < 0:
+            emptied = delta < 0 and self._preparing[model] <= 0
+        if emptied:  # its waiting groups cannot grow now: they run without waiting
             self.batcher.wake()
 
     def submit(self, key: Hashable, item: Any) -> Future[Any]:
