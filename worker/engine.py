@@ -90,10 +90,11 @@ class Engine:
             worker_name=worker_name,
             model=model,
         )
-        for name, seconds in load_s.items():
-            engine.metrics.model_load.labels(name).set(seconds)
-        if settings.metrics_port:
-            engine.metrics.serve(settings.metrics_port, settings.metrics_addr)
+        if not settings.model_socket:  # in a split worker: the model process and the launcher
+            for name, seconds in load_s.items():
+                engine.metrics.model_load.labels(name).set(seconds)
+            if settings.metrics_port:
+                engine.metrics.serve(settings.metrics_port, settings.metrics_addr)
         engine.model.start()
         return engine
 

@@ -10,7 +10,9 @@ them: a model process that dies is started again (the intake processes' jobs in 
 its messages). SIGTERM stops the intake processes first (each drains its jobs, which need the
 model process), then the model process. Every child dies with the launcher
 (``PR_SET_PDEATHSIG``), so a SIGKILL of the launcher ends the whole worker, as it ends a
-one-process worker.
+one-process worker. With ``BLIPQ_METRICS_PORT`` set, the children write their metrics to a
+directory of the launcher's (``PROMETHEUS_MULTIPROC_DIR``) and the launcher serves them all on
+that one port once the model process is ready (``worker.metrics.serve_processes``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from worker.metrics import MULTIPROC_DIR_VARIABLE, serve_processes
 from worker.settings import Settings
 
 log = logging.getLogger("blipq.launch")
@@ -118,11 +121,15 @@ class Supervisor:
         self.model: subprocess.Popen[bytes] | None = None
         self.intakes: list[subprocess.Popen[bytes] | None] = [None] * self.count
         self.stopping = False
+        self.metrics = (settings.metrics_port, settings.metrics_addr)
+        self.metrics_dir = self.dir / "metrics"
+        self.metrics_dir.mkdir()
+        self.serving = False
 
     def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, *argv],
-            env=env,
+            env={**os.environ, **(env or {}), MULTIPROC_DIR_VARIABLE: str(self.metrics_dir)},
             preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
 
@@ -157,6 +164,8 @@ class Supervisor:
             time.sleep(0.2)
             assert self.model is not None
             listening = listening or Path(self.socket).exists()
+            if listening and not self.serving:
+                self._serve_metrics()
             if self.model.poll() is not None:
                 if not listening:  # it never got as far as loading its models
                     log.error(
@@ -180,6 +189,19 @@ class Supervisor:
                     time.sleep(RESTART_PAUSE_S)
                     self.start_intake(index)
         return 0
+
+    def _serve_metrics(self) -> None:
+        """Every process's metrics on the one port, from when the models are loaded (what a
+        startup probe waits for, as on a one-process worker)."""
+        self.serving = True
+        port, addr = self.metrics
+        if port:
+            serve_processes(port, addr, str(self.metrics_dir), self.processes)
+
+    def processes(self) -> dict[str, int]:
+        """The running children by role: ``model``, ``intake-0``, ..."""
+        running = {"model": self.model} | {f"intake-{i}": p for i, p in enumerate(self.intakes)}
+        return {role: proc.pid for role, proc in running.items() if proc and proc.poll() is None}
 
     def _shutdown(self) -> None:
         """Intake processes drain first (their jobs need the model), then the model process."""

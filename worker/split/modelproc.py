@@ -159,8 +159,11 @@ def _answer(rid: int, future: Future[Any]) -> tuple[int, bool, Any]:
 
 def serve(settings: Settings, path: str) -> None:
     configure_process(settings)
-    runners, _ = load_runners(settings)
-    host = ModelHost(settings, runners, Metrics())
+    runners, load_s = load_runners(settings)
+    metrics = Metrics()  # written for the launcher to serve (worker.metrics.serve_processes)
+    for name, seconds in load_s.items():
+        metrics.model_load.labels(name).set(seconds)
+    host = ModelHost(settings, runners, metrics)
     placement = Placement.from_settings(settings)
     stager = Stager(placement.device, placement.dtype)
     running = _Running()
