@@ -559,6 +559,8 @@ def bench_null(report: Report, opts: Options, servers: Servers) -> None:
                 _ratio(report, samples, "blipq_null_chunked", "floor")
                 _ratio(report, samples, "blipq_null_chunked", same_code.name)
                 _ratio(report, samples, "blipq_null_chunked", "blipq_null")
+                if multi is not None:
+                    _ratio(report, samples, "blipq_null_chunked", multi.name)
                 report.batch_sizes["blipq_null_chunked"] = _histogram(chunked)
                 report.modes["blipq_null_chunked"]["per_message"] = opts.per_message
             _process_cpu(report, _pid(worker), blipq, todo)
@@ -1030,7 +1032,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = fixtures.photos(opts.images)
     sizes = [p.stat().st_size // 1000 for p in paths]
     report = Report(
-        options={k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()},
+        options={
+            k: str(v) if isinstance(v, Path) else [str(r) for r in v] if k == "ray" else v
+            for k, v in vars(opts).items()
+        },
         machine={
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
