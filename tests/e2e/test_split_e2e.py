@@ -3,17 +3,30 @@ starts it, the pixels cross through shared memory, and killing any one process l
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import redis
 
 from producer import CaptionJob, Client
 from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
+from producer.protocol.keys import RESULTS_STREAM
 from tests.e2e.conftest import REPO, worker_env
 from tests.fixtures.images import sample_jpegs
+
+GRACE_S = 60
+"""The termination grace period the drain must fit in (the test's own; the deployments give
+180 s, docs/operations.md)."""
+
+
+def _host() -> str:
+    return socket.gethostname()
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -145,3 +158,87 @@ def test_sigkill_of_one_process_loses_nothing(s3_server: EmbeddedS3, victim: str
         code = worker.stop()
         server.close()
     assert code == 0, worker.log()[-4000:]
+
+
+def _queued_ids(store: redis.Redis, queue: str) -> list[str]:
+    """The job ids of the messages waiting in a queue (kombu envelopes, JSON)."""
+    return [json.loads(raw)["headers"]["id"] for raw in store.lrange(queue, 0, -1)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_drains_a_split_worker(s3_server: EmbeddedS3) -> None:
+    """SIGTERM to the launcher mid-run: every job an intake process took is answered, the rest
+    stay queued for the next worker, every process exits within the grace period, exit 0."""
+    _upload(s3_server, "split-drain", 8, seed=181)
+    server = EmbeddedRedis().start()
+    env = worker_env(
+        server,
+        s3_server,
+        # 150 ms per batch of up to 4: at the signal, batches are running and waiting.
+        {"sim": {"source": "sim:150", "family": "sim"}},  # type: ignore[dict-item]
+        BLIPQ_INTAKE_PROCESSES="2",
+        BLIPQ_MAX_BATCH_SIZE="4",
+        BLIPQ_CONCURRENCY="6",
+    )
+    first = WorkerProcess(env, cwd=REPO, name="drain-a@%h").start()
+    client = Client(redis_url=server.url)
+    store = redis.Redis.from_url(server.url)
+    try:
+        assert first.proc is not None
+        launcher = first.proc.pid
+        processes = [launcher, *_children(launcher)]
+        assert len(processes) == 4  # the launcher, the model process, 2 intake processes
+        jobs = [CaptionJob(image=f"s3://split-drain/{i % 8}.jpg", model="sim") for i in range(200)]
+        ids = client.submit_many(jobs)
+        for answered, _ in enumerate(client.results(ids, timeout=120), 1):
+            if answered >= 20:
+                break
+        os.kill(launcher, signal.SIGTERM)
+        signalled = time.monotonic()
+        code = first.proc.wait(GRACE_S)
+        drained_in = time.monotonic() - signalled
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in processes if _alive(pid)]
+        assert code == 0, first.log()[-4000:]
+        # A dozen held jobs of 150 ms batches: seconds, not a timeout waited out.
+        assert drained_in < 20, first.log()[-4000:]
+
+        # What the first worker answered, and what it left: nothing held, nothing lost.
+        raws = store.mget([client.sender.result_key(i) for i in ids])
+        found = {i: client.sender.to_result(i, raw) for i, raw in zip(ids, raws, strict=True)}
+        stored = {i: r for i, r in found.items() if r is not None}
+        queued = _queued_ids(store, "blipq.sim")
+        assert not store.hlen("unacked"), "a message is still held by the stopped worker"
+        assert len(queued) == len(set(queued))
+        assert set(stored).isdisjoint(queued)
+        assert set(stored) | set(queued) == set(ids)
+        assert all(r.ok for r in stored.values()), {r.error for r in stored.values() if not r.ok}
+        assert {r.worker for r in stored.values()} <= {f"drain-a-{i}@{_host()}" for i in (0, 1)}
+        assert 20 <= len(stored) < len(ids), "the signal came mid-run"
+
+        second = WorkerProcess(env, cwd=REPO, name="drain-b@%h").start()
+        try:
+            results = {r.job_id: r for r in client.results(ids, timeout=180)}
+        finally:
+            assert second.stop() == 0, second.log()[-4000:]
+        assert set(results) == set(ids)
+        assert all(r.ok for r in results.values())
+        assert {i: results[i].worker for i in stored} == {i: r.worker for i, r in stored.items()}
+        events = Counter(f[b"job_id"].decode() for _, f in store.xrange(RESULTS_STREAM))
+        assert set(events) == set(ids) and max(events.values()) == 1
+    finally:
+        client.close()
+        store.close()
+        first.stop()
+        server.close()
+    print(f"split worker drained in {drained_in:.1f}s, {len(stored)} jobs answered by it")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,41 @@ def test_a_cgroup_cpu_limit_caps_the_cores(monkeypatch: pytest.MonkeyPatch, tmp_
     assert launch.intake_processes(Settings(device="cuda")) == 3
     cpu_max.write_text("150000 100000\n")  # 1.5 CPUs
     assert launch.worker_cores() == 2
+
+
+def test_a_model_process_that_dies_while_the_intake_processes_drain_is_started_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The intake processes' held jobs need the model process to finish: SIGTERM stops them
+    first and keeps a model process running until they have exited."""
+
+    def spawn(code: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    monkeypatch.setattr(launch, "RESTART_PAUSE_S", 0.0)
+    supervisor = launch.Supervisor(Settings(), [], 1)
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start_model() -> None:
+        supervisor.model = spawn("import time; time.sleep(60)")
+        started.append(supervisor.model)
+
+    supervisor.start_model = start_model  # type: ignore[method-assign]
+    supervisor.model = spawn("pass")  # died just now
+    supervisor.model.wait()
+    # An intake process that takes a second to drain after SIGTERM.
+    intake = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(1)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert intake.stdout is not None and intake.stdout.readline() == b"ready\n"
+    supervisor.intakes = [intake]
+    supervisor._shutdown()
+    assert len(started) == 1  # started again once, then stopped after the intake process
+    assert started[0].returncode is not None
+    intake.stdout.close()

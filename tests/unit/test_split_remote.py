@@ -3,6 +3,7 @@ batch it was running fail as unfinished starts, every other job goes to its succ
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
@@ -113,3 +114,23 @@ def test_the_model_process_names_each_intake_processes_items_before_a_batch_runs
     running.discard(items[1])  # answered
     running.announce([items[1]])
     assert two.sent == [("running", [1])]
+
+
+def test_stop_does_not_wait_for_the_model_process_to_hang_up(
+    link: tuple[str, RemoteModel],
+) -> None:
+    """The launcher stops the model process only after the intake processes: an intake
+    process's stop must not wait for the model process's end of the socket."""
+    path, model = link
+    listener = Listener(path, family="AF_UNIX")
+    model.start()
+    conn = listener.accept()
+    try:
+        time.sleep(0.3)  # the reader thread is blocked in recv
+        started = time.monotonic()
+        model.stop(timeout=10)
+        assert time.monotonic() - started < 5
+        assert model._reader is not None and not model._reader.is_alive()
+    finally:
+        conn.close()
+        listener.close()

@@ -8,11 +8,12 @@ named ``NAME-i@HOST``, reaching the model process through ``BLIPQ_MODEL_SOCKET``
 them: a model process that dies is started again (the intake processes' jobs in it run again,
 ``worker.split.remote``), an intake process that dies is started again (the broker redelivers
 its messages). SIGTERM stops the intake processes first (each drains its jobs, which need the
-model process), then the model process. Every child dies with the launcher
-(``PR_SET_PDEATHSIG``), so a SIGKILL of the launcher ends the whole worker, as it ends a
-one-process worker. With ``BLIPQ_METRICS_PORT`` set, the children write their metrics to a
-directory of the launcher's (``PROMETHEUS_MULTIPROC_DIR``) and the launcher serves them all on
-that one port once the model process is ready (``worker.metrics.serve_processes``).
+model process: it is started again if it dies meanwhile), then the model process. Every child
+dies with the launcher (``PR_SET_PDEATHSIG``), so a SIGKILL of the launcher ends the whole
+worker, as it ends a one-process worker. With ``BLIPQ_METRICS_PORT`` set, the children write
+their metrics to a directory of the launcher's (``PROMETHEUS_MULTIPROC_DIR``) and the launcher
+serves them all on that one port once the model process is ready
+(``worker.metrics.serve_processes``).
 """
 
 from __future__ import annotations
@@ -204,13 +205,21 @@ class Supervisor:
         return {role: proc.pid for role, proc in running.items() if proc and proc.poll() is None}
 
     def _shutdown(self) -> None:
-        """Intake processes drain first (their jobs need the model), then the model process."""
+        """Intake processes drain first (their jobs need the model process, started again if it
+        dies meanwhile), then the model process."""
         for proc in self.intakes:
             if proc is not None and proc.poll() is None:
                 proc.terminate()
-        for proc in self.intakes:
-            if proc is not None:
-                proc.wait()
+        while any(proc is not None and proc.poll() is None for proc in self.intakes):
+            if self.model is not None and self.model.poll() is not None:
+                log.error(
+                    "blipq-worker: model process exited %d while the intake processes drain; "
+                    "starting it again",
+                    self.model.returncode,
+                )
+                time.sleep(RESTART_PAUSE_S)
+                self.start_model()
+            time.sleep(0.1)
         if self.model is not None and self.model.poll() is None:
             self.model.terminate()
             try:

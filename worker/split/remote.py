@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import pickle
+import socket
 import threading
 import time
 from collections import Counter
@@ -52,6 +54,18 @@ class _Request:
     blocks: list[SharedMemory]
     data: bytes
     """The pickled ``("submit", ...)`` message: sent again to a new model process."""
+
+
+def _hang_up(conn: Connection) -> None:
+    """Close a connection that the reader thread may be blocked on. ``close`` alone does not
+    wake a thread blocked in ``recv`` (Linux), which would wait for the model process to close
+    its end, and the model process stops only after the intake processes: a stop of this
+    process would wait out the reader's join timeout. ``shutdown`` wakes it with an EOF."""
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        with sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
 
 
 def _dumps(message: tuple[Any, ...]) -> bytes:
@@ -102,7 +116,7 @@ class RemoteModel:
         with self._send_lock:
             conn, self._conn = self._conn, None
         if conn is not None:
-            conn.close()
+            _hang_up(conn)
         if self._reader is not None:
             self._reader.join(timeout)
         self._fail_pending("this intake process is stopping; the job runs again")
