@@ -20,7 +20,7 @@ from producer.protocol.errors import InvalidJob, Retryable
 from producer.protocol.jobs import CaptionOutput, decode_job, encode_job, encode_result
 from producer.protocol.keys import LEDGER, MAX_JOBS_PER_MESSAGE, TASK_RUN_JOB
 from worker.celery.chunks import ChunkRunner
-from worker.delivery.policy import DeliveryPolicy
+from worker.delivery.policy import DeliveryPolicy, DiedRunning
 
 # --- producer side ---------------------------------------------------------------------------
 
@@ -187,6 +187,8 @@ class FakeEngine:
             return JobResult.failure(job_id, "caption", ErrorCode.INVALID_JOB, exc.message)
         if "flaky" in job.image:
             raise Retryable("S3 is down")
+        if "crashes" in job.image:
+            raise DiedRunning("the model process died running this job's batch")
         if "broken" in job.image:
             raise RuntimeError("Redis went away")  # handle never raises this; a bug would
         output = CaptionOutput(caption=job.image, continuation=job.image)
@@ -302,6 +304,18 @@ def test_a_transient_failure_is_retried_as_a_message_of_its_own(parts: Any) -> N
     assert set(backend.stored) == {"job-0"}
     assert [(s["task_id"], s["retries"], s["countdown"]) for s in sent] == [("job-1", 1, 1.0)]
     assert engine.deliveries.finished_ids == ["job-1"]
+
+
+def test_a_job_whose_batch_killed_the_model_process_is_sent_alone_as_a_suspect(
+    parts: Any,
+) -> None:
+    """A split worker's model process died in the job's batch: this start did not finish, so
+    its start count stays and run_job judges it (alone, or poison), with no backoff."""
+    runner, engine, backend, sent = parts
+    assert runner.run("chunk-6", _chunk("a.jpg", "crashes.jpg"), 100.0, "blipq.caption-base") == 1
+    assert set(backend.stored) == {"job-0"}
+    assert [(s["task_id"], s["retries"], s["countdown"]) for s in sent] == [("job-1", 0, None)]
+    assert engine.deliveries.starts == {"job-1": 1} and engine.deliveries.finished_ids == []
 
 
 def test_a_transient_failure_with_no_retries_left_is_a_result(parts: Any) -> None:
