@@ -110,16 +110,21 @@ BASE_VOCAB = 30522  # bert-base-uncased; BLIP adds [DEC] and [ENC] -> 30524
 ARCHS = ("base", "large")
 
 
-def blip_random(arch: str = "base", seed: int = 0) -> Path:
+def blip_random(arch: str = "base", seed: int = 0, *, head: str = "caption") -> Path:
     """A cached full-size BLIP captioning checkpoint with random weights.
 
     ``base``: ViT-B/16 at 384 px + BERT-base (Salesforce/blip-image-captioning-base);
     ``large``: ViT-L/16 at 384 px (1024 wide, 24 layers) + the same text model with
     1024-wide cross-attention (Salesforce/blip-image-captioning-large).
+    ``head="vqa"``: the question-answering model of that size instead (BlipForQuestionAnswering,
+    Salesforce/blip-vqa-base: a text encoder and an answer decoder over the same vision model).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, not {arch!r}")
-    directory = CACHE / f"blip-{arch}-random-{_MODEL_VERSION}-s{seed}"
+    if head not in ("caption", "vqa"):
+        raise ValueError(f"head must be 'caption' or 'vqa', not {head!r}")
+    kind = "" if head == "caption" else f"{head}-"
+    directory = CACHE / f"blip-{arch}-{kind}random-{_MODEL_VERSION}-s{seed}"
     if (directory / "config.json").is_file() and (directory / "model.safetensors").is_file():
         return directory
     import torch
@@ -127,6 +132,7 @@ def blip_random(arch: str = "base", seed: int = 0) -> Path:
         BertTokenizer,
         BlipConfig,
         BlipForConditionalGeneration,
+        BlipForQuestionAnswering,
         BlipProcessor,
     )
     from transformers.models.blip import BlipImageProcessorPil
@@ -154,7 +160,8 @@ def blip_random(arch: str = "base", seed: int = 0) -> Path:
     assert ids("[SEP]") == config.text_config.sep_token_id
     assert ids("[PAD]") == config.text_config.pad_token_id
     torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(config).eval()
+    model_class = BlipForConditionalGeneration if head == "caption" else BlipForQuestionAnswering
+    model = model_class(config).eval()
     processor = BlipProcessor(image_processor=BlipImageProcessorPil(), tokenizer=tokenizer)
     model.save_pretrained(building)
     processor.save_pretrained(building)

@@ -1,6 +1,6 @@
-"""A split worker serving a BLIP VQA model, a BLIP matching model and a BLIP-2 model: its
-intake processes load no weights (``load_prepare``), and every answer is the one-process
-worker's."""
+"""A split worker serving a BLIP VQA model, a BLIP matching model and a BLIP-2 model, whose
+intake processes load no weights (``load_prepare``; checked directly in
+``tests/unit/test_prepare_side.py``): every answer is the one-process worker's."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from producer import CaptionJob, Client, MatchJob, VqaJob
 from producer.cli.embedded import EmbeddedRedis, EmbeddedS3, WorkerProcess
 from tests.e2e.conftest import REPO, worker_env
 from tests.e2e.test_split_e2e import _intake_pids, _model_pid
-from worker.metrics import resident_bytes
 
 SAMPLES = REPO / "producer" / "samples" / "shapes"
 MODELS = REPO / "tests" / "fixtures" / "models"
@@ -55,7 +54,6 @@ def test_split_worker_answers_like_one_process_without_weights_in_intakes(
     jobs = _jobs()
     client = Client(redis_url=private_redis.url)
     outputs: dict[str, list[Any]] = {}
-    memory: dict[str, int] = {}
     try:
         for mode, processes in (("one", "0"), ("split", "2")):
             env = worker_env(
@@ -72,10 +70,8 @@ def test_split_worker_answers_like_one_process_without_weights_in_intakes(
                 results = {r.job_id: r for r in client.results(ids, timeout=300)}
                 assert worker.proc is not None
                 if processes != "0":
-                    memory["model"] = resident_bytes(_model_pid(worker.proc.pid))
-                    intakes = _intake_pids(worker.proc.pid)
-                    assert len(intakes) == 2
-                    memory["intake"] = max(resident_bytes(pid) for pid in intakes)
+                    _model_pid(worker.proc.pid)
+                    assert len(_intake_pids(worker.proc.pid)) == 2
             finally:
                 assert worker.stop() == 0, worker.log()[-4000:]
             assert all(r.ok for r in results.values()), [r.error for r in results.values()]
@@ -83,6 +79,3 @@ def test_split_worker_answers_like_one_process_without_weights_in_intakes(
     finally:
         client.close()
     assert outputs["split"] == outputs["one"]
-    # The model process holds the three models (weights, their modules, warm-up buffers); an
-    # intake process holds processors, tokenizers and configs.
-    assert memory["intake"] < memory["model"], memory
