@@ -39,7 +39,7 @@ FAMILIES = {"opt": "shapes-blip2-opt", "t5": "shapes-blip2-t5"}
 # The in-process gates' held-out set (tests/unit/test_blip2_shapes_accuracy.py), the same
 # images, questions and chats: training used dataset seeds 1 and 2 only. On other held-out
 # seeds the fixtures can miss the caption or chat gate by a few items (9_200_101 .. 9_200_103:
-# captions 0.96 for both, chat 0.946 for both; docs: Fixture models).
+# captions 0.96 for both, OPT chat 0.946; docs: Fixture models).
 CAPTION_SEED = 9_200_001
 VQA_SEED = 9_200_002
 CHAT_SEED = 9_200_003
