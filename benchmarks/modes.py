@@ -240,6 +240,30 @@ class Blipq:
         return len(results)
 
 
+def worker_reader(s3: Any, threads: int) -> Any:
+    """The worker's own S3 reader (its presigned GET, its limits) over ``s3``."""
+    from worker.images import Limits
+    from worker.settings import Settings
+    from worker.storage import ObjectReader
+
+    settings = Settings()  # the worker's limits
+    limits = Limits(settings.max_image_bytes, settings.max_image_pixels)
+    return ObjectReader(s3, limits, pool_size=max(10, threads))
+
+
+def worker_pixels(reader: Any, key: str, side: int) -> Any:
+    """The worker's GET + decode (JPEG draft) + resize of one image: a uint8 CHW tensor."""
+    from PIL import Image
+
+    from producer.protocol.jobs import ImageRef
+    from worker import images
+    from worker.models.resize import resized_uint8
+
+    data = reader.read(ImageRef(BUCKET, key))
+    image = images.decode(data, reader.limits, images.draft_side(side))
+    return resized_uint8(image, (side, side), Image.Resampling.BICUBIC)
+
+
 class Floor:
     """A plain thread pool doing only S3 GET + decode + resize; no queue, nothing else.
 
@@ -259,26 +283,14 @@ class Floor:
         self.threads = threads
         self.s3 = s3_client(self.s3_server, pool=max(10, threads))
         if self.worker_code:
-            from worker.images import Limits
-            from worker.settings import Settings
-            from worker.storage import ObjectReader
-
-            settings = Settings()  # the worker's limits
-            limits = Limits(settings.max_image_bytes, settings.max_image_pixels)
-            self.reader = ObjectReader(self.s3, limits, pool_size=max(10, threads))
+            self.reader = worker_reader(self.s3, threads)
 
     def one(self, key: str) -> tuple[int, int]:
         from PIL import Image
 
         side = NULL_INPUT_SIZE
         if self.worker_code:
-            from producer.protocol.jobs import ImageRef
-            from worker import images
-            from worker.models.resize import resized_uint8
-
-            data = self.reader.read(ImageRef(BUCKET, key))
-            image = images.decode(data, self.reader.limits, images.draft_side(side))
-            resized = resized_uint8(image, (side, side), Image.Resampling.BICUBIC)
+            resized = worker_pixels(self.reader, key, side)
             return (int(resized.shape[2]), int(resized.shape[1]))
         else:
             body = self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()

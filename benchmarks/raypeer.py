@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.modes import BUCKET, NULL_INPUT_SIZE
+from benchmarks.modes import BUCKET, NULL_INPUT_SIZE, worker_pixels, worker_reader
 from benchmarks.processes import S3Address
 
 
@@ -69,27 +69,14 @@ class Preprocess:
         else:
             self.side = NULL_INPUT_SIZE
         if code == "blipq":
-            from worker.images import Limits
-            from worker.settings import Settings
-            from worker.storage import ObjectReader
-
-            settings = Settings()
-            limits = Limits(settings.max_image_bytes, settings.max_image_pixels)
-            self.reader = ObjectReader(self.s3, limits, pool_size=max(10, threads))
+            self.reader = worker_reader(self.s3, threads)
 
     def one(self, key: str) -> Any:
         import numpy as np
         from PIL import Image
 
         if self.code == "blipq":
-            from producer.protocol.jobs import ImageRef
-            from worker import images
-            from worker.models.resize import resized_uint8
-
-            data = self.reader.read(ImageRef(BUCKET, key))
-            image = images.decode(data, self.reader.limits, images.draft_side(self.side))
-            pixels = resized_uint8(image, (self.side, self.side), Image.Resampling.BICUBIC)
-            return pixels.numpy()
+            return worker_pixels(self.reader, key, self.side).numpy()
         body = self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         image = Image.open(io.BytesIO(body)).convert("RGB")
         if self.processor is not None:

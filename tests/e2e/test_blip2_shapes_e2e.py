@@ -75,16 +75,6 @@ def _db_url(redis_server: EmbeddedRedis) -> str:
     return redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
 
 
-def _vqa_questions(scene: world.Scene, rng: random.Random) -> list[Turn]:
-    """Every non-existence question, every 'yes' and as many one-attribute-off 'no's."""
-    pairs = world.vqa_pairs(scene)
-    asked = [p for p in pairs if not p[0].startswith("is there") or p[1] == world.YES]
-    present = {(s.colour, s.form) for s in scene.shapes}
-    near_misses = sorted({v for s in scene.shapes for v in world.variants(s)} - present)
-    picked = rng.sample(near_misses, len(scene.shapes))
-    return asked + [(world.EXISTS_QUESTION.format(colour=c, form=f), world.NO) for c, f in picked]
-
-
 def _upload(s3: Any, sample: world.Sample, prefix: str) -> tuple[str, Image.Image]:
     key = f"{prefix}/{sample.index}.{sample.ext}"
     s3.put_object(Bucket=BUCKET, Key=key, Body=sample.data)
@@ -103,7 +93,7 @@ def _cases(s3: Any) -> list[Case]:
     rng = random.Random(VQA_SEED)
     for sample in world.dataset(VQA_SEED, N_VQA):
         uri, image = _upload(s3, sample, "vqa")
-        for question, answer in _vqa_questions(sample.scene, rng):
+        for question, answer in world.balanced_questions(sample.scene, rng):
             per_image.append(("vqa", image, uri, question, [], answer))
     rng = random.Random(CHAT_SEED)
     for index in range(N_CHAT):

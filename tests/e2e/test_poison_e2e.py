@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -99,6 +100,23 @@ def _jobs(count: int, bucket: str = "drill") -> list[CaptionJob]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+def _only_the_poison_job_lost(
+    store: Any, answered: list[JobResult], poison_id: str, poison_image: str
+) -> None:
+    """The 50 other jobs completed, each once on the results stream; the dead-letter list holds
+    the poison job's payload, once, and its start counter is gone."""
+    others = {r.job_id: r for r in answered}
+    assert len(others) == 50
+    assert all(r.ok for r in others.values()), Counter(
+        r.error.code for r in others.values() if r.error
+    )
+    events = Counter(f[b"job_id"].decode() for _, f in store.xrange(RESULTS_STREAM))
+    assert set(events) == {*others, poison_id} and max(events.values()) == 1
+    dead = [json.loads(raw) for raw in store.lrange(DEAD_LETTER, 0, -1)]
+    assert [(d["job_id"], d["payload"]["image"]) for d in dead] == [(poison_id, poison_image)]
+    assert not store.exists(DELIVERIES_KEY.format(job_id=poison_id))
+
+
 def test_a_job_that_kills_its_worker_is_dead_lettered_and_the_queue_flows(
     private_redis: EmbeddedRedis, s3_server: EmbeddedS3
 ) -> None:
@@ -139,18 +157,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_and_the_queue_flows(
     starts = 1 + MAX_DELIVERIES
     assert supervisor.deaths[:deaths_at_poison] == [-9] * starts, (supervisor.deaths, logs)
     assert logs.count("fault injection") == starts
-    # Everything else completed, exactly once on the results stream.
-    others = {**results, **{r.job_id: r for r in later_results}}
-    assert len(others) == 50
-    assert all(r.ok for r in others.values()), Counter(
-        r.error.code for r in others.values() if r.error
-    )
-    events = Counter(f[b"job_id"].decode() for _, f in store.xrange(RESULTS_STREAM))
-    assert set(events) == {*others, poison_id} and max(events.values()) == 1
-    # The dead-letter list holds the poison job's payload, once; its start counter is gone.
-    dead = [json.loads(raw) for raw in store.lrange(DEAD_LETTER, 0, -1)]
-    assert [(d["job_id"], d["payload"]["image"]) for d in dead] == [(poison_id, POISON)]
-    assert not store.exists(DELIVERIES_KEY.format(job_id=poison_id))
+    _only_the_poison_job_lost(store, [*results.values(), *later_results], poison_id, POISON)
     assert len(supervisor.deaths) == deaths_at_poison  # no death after the dead-lettering
     assert code == 0
     store.close()
@@ -229,16 +236,7 @@ def test_a_job_that_kills_the_model_process_of_a_split_worker_is_dead_lettered(
     restarts = [line for line in log.splitlines() if "starting it again" in line]
     assert len(restarts) == starts, restarts
     assert all("model process exited -9" in line for line in restarts), restarts
-    others = {**results, **{r.job_id: r for r in later_results}}
-    assert len(others) == 50
-    assert all(r.ok for r in others.values()), Counter(
-        r.error.code for r in others.values() if r.error
-    )
-    events = Counter(f[b"job_id"].decode() for _, f in store.xrange(RESULTS_STREAM))
-    assert set(events) == {*others, poison_id} and max(events.values()) == 1
-    dead = [json.loads(raw) for raw in store.lrange(DEAD_LETTER, 0, -1)]
-    assert [(d["job_id"], d["payload"]["image"]) for d in dead] == [(poison_id, poison)]
-    assert not store.exists(DELIVERIES_KEY.format(job_id=poison_id))
+    _only_the_poison_job_lost(store, [*results.values(), *later_results], poison_id, poison)
     assert intakes_alive and code == 0, log[-4000:]
     store.close()
     print(f"split poison drill: {starts} model process deaths, {elapsed:.1f}s")

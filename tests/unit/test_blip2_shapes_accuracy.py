@@ -120,20 +120,10 @@ def wrong(pairs: Sequence[tuple[Any, str, str]], k: int = 5) -> list[tuple[Any, 
 # --------------------------------------------------------------------------- questions
 
 
-def vqa_questions(scene: world.Scene, rng: random.Random) -> list[Turn]:
-    """Every non-existence question, every 'yes' and as many one-attribute-off 'no's."""
-    pairs = world.vqa_pairs(scene)
-    asked = [p for p in pairs if not p[0].startswith("is there") or p[1] == world.YES]
-    present = {(s.colour, s.form) for s in scene.shapes}
-    near_misses = sorted({v for s in scene.shapes for v in world.variants(s)} - present)
-    picked = rng.sample(near_misses, len(scene.shapes))
-    return asked + [(world.EXISTS_QUESTION.format(colour=c, form=f), world.NO) for c, f in picked]
-
-
 @cache
 def vqa_set(seed: int = VQA_SEED) -> list[tuple[Image.Image, str, str]]:
     rng = random.Random(seed)
-    return [(i, q, a) for s, i in heldout(seed, N_VQA) for q, a in vqa_questions(s, rng)]
+    return [(i, q, a) for s, i in heldout(seed, N_VQA) for q, a in world.balanced_questions(s, rng)]
 
 
 @cache
