@@ -5,6 +5,7 @@ memory and CPU time."""
 from __future__ import annotations
 
 import time
+import urllib.error
 from pathlib import Path
 
 from producer import CaptionJob, Client
@@ -14,6 +15,18 @@ from tests.e2e.test_metrics_e2e import scrape
 from tests.fixtures.images import sample_jpegs
 
 JOBS = 40
+
+
+def scrape_when_served(
+    port: str, deadline: float
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    while True:
+        try:
+            return scrape(port)
+        except urllib.error.URLError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def test_one_port_serves_every_process_of_a_split_worker(
@@ -40,7 +53,9 @@ def test_one_port_serves_every_process_of_a_split_worker(
         deadline = time.monotonic() + 120
         while worker.log().count(" ready.") < 2 and time.monotonic() < deadline:
             time.sleep(0.2)  # both intake processes consume
-        before = scrape(port)  # served once the model process is ready
+        # The launcher serves the port once it sees the model process listening: it checks
+        # every 0.2 s, so an intake can report ready a moment before the port opens.
+        before = scrape_when_served(port, deadline)
         jobs = [
             CaptionJob(image=f"s3://split-metrics/{i % 3}.jpg", model="tiny-caption")
             for i in range(JOBS)
