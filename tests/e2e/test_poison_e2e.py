@@ -235,6 +235,11 @@ def test_a_job_that_kills_the_model_process_of_a_split_worker_is_dead_lettered(
     assert log.count("fault injection") == starts
     restarts = [line for line in log.splitlines() if "starting it again" in line]
     assert len(restarts) == starts, restarts
+    # Each death was judged at once by the intake process that held the job, not sent back
+    # through the queue as a Celery retry (which would spend one of its transient retries).
+    mentions = [line for line in log.splitlines() if poison_id in line]
+    assert sum("judged again here" in line for line in mentions) == starts, mentions
+    assert not any(" retry: " in line for line in mentions), mentions
     assert all("model process exited -9" in line for line in restarts), restarts
     _only_the_poison_job_lost(store, [*results.values(), *later_results], poison_id, poison)
     assert intakes_alive and code == 0, log[-4000:]

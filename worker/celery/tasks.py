@@ -57,14 +57,27 @@ def run_job(self: JobTask, job: Any = None, submitted_at: float | None = None) -
 
 
 def _run_job(task: JobTask, job: Any, submitted_at: float | None) -> dict[str, Any]:
-    engine = services().engine
     job_id = str(task.request.id)
+    while True:
+        try:
+            return _start(task, job_id, job, submitted_at)
+        except DiedRunning as exc:
+            # The model process died in this job's batch (it is started again): an unfinished
+            # start, its count kept. The job is judged at once, here, as a redelivered one
+            # would be: run alone, or dead-lettered. Neither a message round trip nor one of
+            # the job's transient retries is spent on it.
+            log.warning("job %s: %s; judged again here", job_id, exc.message)
+
+
+def _start(task: JobTask, job_id: str, job: Any, submitted_at: float | None) -> dict[str, Any]:
+    """One start of the job: a first one, or that of a suspect (raises ``DiedRunning``)."""
+    engine = services().engine
     with engine.quarantine.shared():
         earlier = engine.deliveries.begin(job_id)
         if not earlier:
             return _run(task, engine, job_id, job, submitted_at)
-    # A redelivery: an earlier start did not finish (its worker was killed, or lost its
-    # connection, while the job was in flight).
+    # An earlier start did not finish: this is a redelivery (its worker was killed, or lost its
+    # connection, while the job was in flight), or the model process died running it.
     stored = stored_answer(task.backend.get_task_meta(job_id))
     if stored is not None:  # answered before: the same answer again (stored once)
         return dict(stored)
@@ -90,11 +103,8 @@ def _run(
 ) -> dict[str, Any]:
     try:
         result = engine.handle(job_id, job, submitted_at, alone=alone)
-    except DiedRunning as exc:
-        # The model process died in this job's batch: an unfinished start, its count kept. It
-        # comes back at once, to be judged as a suspect (run alone, or dead-lettered).
-        log.warning("job %s: %s; it runs again", job_id, exc.message)
-        raise task.retry(exc=exc, countdown=0) from exc
+    except DiedRunning:
+        raise  # judged again by _run_job
     except Retryable as exc:
         attempt = task.request.retries
         countdown = engine.policy.retry_in(attempt)
