@@ -156,9 +156,10 @@ class Engine:
             key: tuple[Any, ...] = (runner.name, runner.group_key(item))
             if alone:  # its own group: no other job shares its batch, in any process
                 key = (*key, ("alone", job_id))
-            future = self.model.submit(key, item)
-        finally:
-            self.model.preparing(runner.name, -1)
+        except BaseException:
+            self.model.preparing(runner.name, -1)  # its preparation ended without an item
+            raise
+        future = self.model.submit(key, item)  # which ends its preparation
         try:
             done: Done = future.result(timeout=self.settings.task_time_limit_s)
         except FuturesTimeout as exc:

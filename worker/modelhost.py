@@ -34,9 +34,11 @@ class Done:
 class ModelPort(Protocol):
     """What the engine needs from whatever runs its models (here, or in the model process)."""
 
-    def preparing(self, model: str, delta: int) -> None: ...
+    def preparing(self, model: str, delta: int) -> None:
+        """``delta`` more (or fewer) jobs of ``model`` are being fetched and prepared."""
 
-    def submit(self, key: Hashable, item: Any) -> Future[Any]: ...
+    def submit(self, key: Hashable, item: Any) -> Future[Any]:
+        """Queue a prepared item of model ``key[0]``; that ends one of its preparations."""
 
     def wake(self) -> None: ...
 
@@ -72,6 +74,11 @@ class ModelHost:
             self.batcher.wake()
 
     def submit(self, key: Hashable, item: Any) -> Future[Any]:
+        # One call, not a submit and then a preparing(-1): in the model process each is a
+        # message from an intake process, and the batcher wakes its thread for the item if
+        # nothing more is being prepared.
+        with self._preparing_lock:
+            self._preparing[key[0]] -= 1  # type: ignore[index]
         return self.batcher.submit(key, item)
 
     def wake(self) -> None:

@@ -34,10 +34,10 @@ def test_the_running_batch_fails_as_died_and_the_waiting_items_go_to_the_success
     listener = Listener(path, family="AF_UNIX")
     model.start()
     conn = listener.accept()
-    model.preparing("m", 2)
+    model.preparing("m", 4)
     running = model.submit(("m", "k"), "in the batch")
     waiting = model.submit(("m", "k"), "queued behind it")
-    assert conn.recv() == ("prep", "m", 2)
+    assert conn.recv() == ("prep", "m", 4)
     first, second = conn.recv(), conn.recv()
     assert (first[0], first[3], second[3]) == ("submit", "in the batch", "queued behind it")
     # The model thread says which items its batch holds, runs it, and the process dies.
@@ -53,11 +53,12 @@ def test_the_running_batch_fails_as_died_and_the_waiting_items_go_to_the_success
 
     listener, conn = _accept(path)  # the new model process
     try:
-        # This process's preparing counts first, then every waiting item, in order.
-        assert conn.recv() == ("prep", "m", 2)
+        # This process's preparing counts first (each submit message ends one preparation:
+        # 1 still being prepared and the 2 waiting items), then every waiting item, in order.
+        assert conn.recv() == ("prep", "m", 3)
         again = [conn.recv() for _ in range(2)]
         assert [m[3] for m in again] == ["queued behind it", "sent while it restarts"]
-        conn.send((again[0][1], True, "output"))
+        conn.send(("answers", [(again[0][1], True, "output")]))
         assert waiting.result(timeout=5) == "output"
         model.stop(timeout=5)
         # Only stopping fails what still waits, and not as a death in its batch.
@@ -77,7 +78,7 @@ def test_answers_before_the_death_leave_nothing_to_blame(link: tuple[str, Remote
     done = model.submit(("m", "k"), "answered")
     message = conn.recv()
     conn.send(("running", [message[1]]))
-    conn.send((message[1], True, "output"))
+    conn.send(("answers", [(message[1], True, "output")]))
     assert done.result(timeout=5) == "output"
     conn.close()
     listener.close()

@@ -3,12 +3,14 @@
 It loads and warms up the served models, starts the model thread (``worker.modelhost``) and
 serves intake processes over a Unix socket: each sends how many jobs per model it is preparing
 (``("prep", model, delta)``) and prepared items (``("submit", id, key, item)``, pixels in shared
-memory); each item's answer goes back as ``(id, ok, Done or exception)`` from a sender thread of
-that connection, so the model thread only runs batches. Before it runs a batch, the model thread
-itself sends each intake process the ids of its items in it (``("running", [id, ...])``): if the
-process dies in that batch, those jobs are the ones whose start did not finish (a poison job is
-among them), the others were only waiting. It prints ``model process ready`` once it listens. An
-intake process that goes away takes its "preparing" counts with it.
+memory; each ends one preparation of model ``key[0]``); the answers go back as
+``("answers", [(id, ok, Done or exception), ...])``, all that are ready in one message, from a
+sender thread of that connection, so the model thread only runs batches. Before it runs a
+batch, the model thread itself sends each intake process the ids of its items in it
+(``("running", [id, ...])``): if the process dies in that batch, those jobs are the ones whose
+start did not finish (a poison job is among them), the others were only waiting. It prints
+``model process ready`` once it listens. An intake process that goes away takes its "preparing"
+counts with it.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class _Intake:
                 message = self.conn.recv()
                 if message[0] == "submit":
                     _, rid, key, item = message
+                    self.prep[key[0]] -= 1  # ModelHost.submit ends one preparation
                     self._submit(rid, key, item)
                 elif message[0] == "prep":
                     self.prep[message[1]] += message[2]
@@ -108,6 +111,7 @@ class _Intake:
         try:
             staged = self.stager.stage(self.attached.unpack(item))
         except Exception as exc:
+            self.host.preparing(key[0], -1)  # type: ignore[index]
             self.answers.put((rid, False, exc))
             return
         self.running.add(staged, self, rid)
@@ -134,16 +138,42 @@ class _Intake:
         return True
 
     def _send(self) -> None:
+        """Send the answers, every one that is ready in one message (a batch's answers are
+        ready together): one pickling and one write, not one per item."""
         while (answer := self.answers.get()) is not None:
+            ready = [answer]
+            while True:
+                try:
+                    answer = self.answers.get_nowait()
+                except queue.Empty:
+                    break
+                if answer is None:
+                    self.answers.put(None)  # ends the loop once these are sent
+                    break
+                ready.append(answer)
+            try:
+                data = _dumps(("answers", ready))
+            except (pickle.PicklingError, TypeError, AttributeError):
+                data = _dumps(("answers", [_picklable(answer) for answer in ready]))
             try:
                 with self._send_lock:
-                    self.conn.send(answer)
-            except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                rid, _, value = answer
-                if not self.send((rid, False, RuntimeError(f"{type(value).__name__}: {exc}"))):
-                    return
+                    self.conn.send_bytes(data)
             except OSError:
                 return
+
+
+def _dumps(message: tuple[Any, ...]) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _picklable(answer: tuple[int, bool, Any]) -> tuple[int, bool, Any]:
+    """The answer, or an error saying why it cannot travel."""
+    rid, _, value = answer
+    try:
+        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        return rid, False, RuntimeError(f"{type(value).__name__}: {exc}")
+    return answer
 
 
 def _answer(rid: int, future: Future[Any]) -> tuple[int, bool, Any]:

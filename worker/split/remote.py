@@ -54,6 +54,7 @@ class _Request:
     blocks: list[SharedMemory]
     data: bytes
     """The pickled ``("submit", ...)`` message: sent again to a new model process."""
+    model: str
 
 
 def _hang_up(conn: Connection) -> None:
@@ -144,13 +145,15 @@ class RemoteModel:
         future: Future[Any] = Future()
         packed, blocks = self.arena.pack(item)
         data = _dumps(("submit", rid, key, packed))
+        model = key[0]  # type: ignore[index]
         with self._send_lock:
+            self._preparing[model] -= 1  # the submit message ends one of its preparations
             if self._stopping.is_set():
                 self.arena.release(blocks)
                 future.set_exception(ModelProcessGone("this intake process is stopping"))
                 return future
             with self._lock:
-                self._pending[rid] = _Request(future, blocks, data)
+                self._pending[rid] = _Request(future, blocks, data, model)
             self.bytes_sent += len(data)
             self.items_sent += 1
             self._send_now(data)  # without a connection, it goes with the next one
@@ -183,8 +186,9 @@ class RemoteModel:
             if message[0] == "running":
                 with self._lock:
                     self._running.update(rid for rid in message[1] if rid in self._pending)
-            else:
-                self._resolve(*message)
+            else:  # ("answers", [(id, ok, Done or exception), ...])
+                for answer in message[1]:
+                    self._resolve(*answer)
 
     def _lost(self) -> None:
         """The model process is gone: fail its running batch, keep the rest for its successor."""
@@ -210,12 +214,14 @@ class RemoteModel:
         log.info("connected to the model process again; %d waiting items sent to it", sent)
 
     def _send_again(self) -> int:
-        """To a new model process (the send lock held): the preparing counts, the waiting items."""
-        for model, count in self._preparing.items():
-            if count:
-                self._send_now(_dumps(("prep", model, count)))
+        """To a new model process (the send lock held): the preparing counts, the waiting items.
+        Each submit message ends a preparation, so a waiting item counts as one."""
         with self._lock:
             waiting = sorted(self._pending.items())
+        counts = self._preparing + Counter(request.model for _, request in waiting)
+        for model, count in counts.items():
+            if count:
+                self._send_now(_dumps(("prep", model, count)))
         sent = 0
         for rid, request in waiting:
             if request.future.cancelled():  # its job gave up waiting (the time limit)
