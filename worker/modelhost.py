@@ -73,12 +73,14 @@ class ModelHost:
         if emptied:  # its waiting groups cannot grow now: they run without waiting
             self.batcher.wake()
 
-    def submit(self, key: Hashable, item: Any) -> Future[Any]:
-        # One call, not a submit and then a preparing(-1): in the model process each is a
-        # message from an intake process, and the batcher wakes its thread for the item if
-        # nothing more is being prepared.
-        with self._preparing_lock:
-            self._preparing[key[0]] -= 1  # type: ignore[index]
+    def submit(self, key: Hashable, item: Any, *, ends: int = 1) -> Future[Any]:
+        """Queue a prepared item; it ends ``ends`` preparations of its model (the model
+        process counts intake processes that are preparing, not their jobs)."""
+        # One call, not a submit and then a preparing(-1): the batcher wakes its thread for
+        # the item if nothing more is being prepared.
+        if ends:
+            with self._preparing_lock:
+                self._preparing[key[0]] -= ends  # type: ignore[index]
         return self.batcher.submit(key, item)
 
     def wake(self) -> None:

@@ -37,7 +37,7 @@ def test_the_running_batch_fails_as_died_and_the_waiting_items_go_to_the_success
     model.preparing("m", 4)
     running = model.submit(("m", "k"), "in the batch")
     waiting = model.submit(("m", "k"), "queued behind it")
-    assert conn.recv() == ("prep", "m", 4)
+    assert conn.recv() == ("prep", "m", 1)  # it is preparing jobs of "m": not how many
     first, second = conn.recv(), conn.recv()
     assert (first[0], first[3], second[3]) == ("submit", "in the batch", "queued behind it")
     # The model thread says which items its batch holds, runs it, and the process dies.
@@ -53,9 +53,9 @@ def test_the_running_batch_fails_as_died_and_the_waiting_items_go_to_the_success
 
     listener, conn = _accept(path)  # the new model process
     try:
-        # This process's preparing counts first (each submit message ends one preparation:
-        # 1 still being prepared and the 2 waiting items), then every waiting item, in order.
-        assert conn.recv() == ("prep", "m", 3)
+        # Whether this process is preparing jobs of each model first (it still is: 4 started,
+        # 3 submitted), then every waiting item, in order.
+        assert conn.recv() == ("prep", "m", 1)
         again = [conn.recv() for _ in range(2)]
         assert [m[3] for m in again] == ["queued behind it", "sent while it restarts"]
         conn.send(("answers", [(again[0][1], True, "output")]))
@@ -75,7 +75,9 @@ def test_answers_before_the_death_leave_nothing_to_blame(link: tuple[str, Remote
     listener = Listener(path, family="AF_UNIX")
     model.start()
     conn = listener.accept()
+    model.preparing("m", 1)  # as the engine does before each submit
     done = model.submit(("m", "k"), "answered")
+    assert conn.recv() == ("prep", "m", 1)
     message = conn.recv()
     conn.send(("running", [message[1]]))
     conn.send(("answers", [(message[1], True, "output")]))
@@ -84,8 +86,11 @@ def test_answers_before_the_death_leave_nothing_to_blame(link: tuple[str, Remote
     listener.close()
     listener, conn = _accept(path)
     try:
+        model.preparing("m", 1)
         later = model.submit(("m", "k"), "after the restart")
-        assert conn.recv()[3] == "after the restart"
+        # Sent now, or with the waiting items once connected: the same messages.
+        assert conn.recv() == ("prep", "m", 1)
+        assert conn.recv()[3:] == ("after the restart", True)  # and none of "m" left
         assert not later.done()
     finally:
         conn.close()

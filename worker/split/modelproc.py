@@ -1,9 +1,10 @@
 """The model process: ``python -m worker.split.modelproc SOCKET``.
 
 It loads and warms up the served models, starts the model thread (``worker.modelhost``) and
-serves intake processes over a Unix socket: each sends how many jobs per model it is preparing
-(``("prep", model, delta)``) and prepared items (``("submit", id, key, item)``, pixels in shared
-memory; each ends one preparation of model ``key[0]``); the answers go back as
+serves intake processes over a Unix socket: each sends when it starts and stops preparing jobs
+of a model (``("prep", model, +1 or -1)``) and prepared items (``("submit", id, key, item,
+ends)``, pixels in shared memory; ``ends``: the intake process has no more jobs of model
+``key[0]`` in preparation); the answers go back as
 ``("answers", [(id, ok, Done or exception), ...])``, all that are ready in one message, from a
 sender thread of that connection, so the model thread only runs batches. Before it runs a
 batch, the model thread itself sends each intake process the ids of its items in it
@@ -91,9 +92,9 @@ class _Intake:
             while True:
                 message = self.conn.recv()
                 if message[0] == "submit":
-                    _, rid, key, item = message
-                    self.prep[key[0]] -= 1  # ModelHost.submit ends one preparation
-                    self._submit(rid, key, item)
+                    _, rid, key, item, ends = message
+                    self.prep[key[0]] -= ends
+                    self._submit(rid, key, item, int(ends))
                 elif message[0] == "prep":
                     self.prep[message[1]] += message[2]
                     self.host.preparing(message[1], message[2])
@@ -107,16 +108,16 @@ class _Intake:
             sender.join(5)
             self.conn.close()
 
-    def _submit(self, rid: int, key: Hashable, item: Any) -> None:
+    def _submit(self, rid: int, key: Hashable, item: Any, ends: int) -> None:
         try:
             staged = self.stager.stage(self.attached.unpack(item))
         except Exception as exc:
-            self.host.preparing(key[0], -1)  # type: ignore[index]
+            self.host.preparing(key[0], -ends)  # type: ignore[index]
             self.answers.put((rid, False, exc))
             return
         self.running.add(staged, self, rid)
         try:
-            future = self.host.submit(key, staged)
+            future = self.host.submit(key, staged, ends=ends)
         except Exception as exc:
             self.running.discard(staged)
             self.answers.put((rid, False, exc))

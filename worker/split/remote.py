@@ -55,6 +55,8 @@ class _Request:
     data: bytes
     """The pickled ``("submit", ...)`` message: sent again to a new model process."""
     model: str
+    ends: bool
+    """Its submit message ended this process's preparing of ``model``."""
 
 
 def _hang_up(conn: Connection) -> None:
@@ -132,10 +134,16 @@ class RemoteModel:
             )
 
     def preparing(self, model: str, delta: int) -> None:
-        data = _dumps(("prep", model, delta))
+        """The model process hears only when this process starts or stops preparing jobs of
+        ``model`` (``("prep", model, +1 or -1)``; a submit message that leaves none says so
+        itself): whether any are on their way is all it needs, and a busy process sends it
+        next to nothing."""
         with self._send_lock:
+            before = self._preparing[model]
             self._preparing[model] += delta
-            self._send_now(data)  # without a connection, the counts go with the next one
+            busy = self._preparing[model] > 0
+            if busy != (before > 0):  # without a connection, the state goes with the next one
+                self._send_now(_dumps(("prep", model, 1 if busy else -1)))
 
     def wake(self) -> None:
         """Nothing to do: the model process looks again when a preparation ends."""
@@ -144,16 +152,17 @@ class RemoteModel:
         rid = next(self._ids)
         future: Future[Any] = Future()
         packed, blocks = self.arena.pack(item)
-        data = _dumps(("submit", rid, key, packed))
         model = key[0]  # type: ignore[index]
         with self._send_lock:
-            self._preparing[model] -= 1  # the submit message ends one of its preparations
+            self._preparing[model] -= 1
+            ends = self._preparing[model] <= 0
+            data = _dumps(("submit", rid, key, packed, ends))
             if self._stopping.is_set():
                 self.arena.release(blocks)
                 future.set_exception(ModelProcessGone("this intake process is stopping"))
                 return future
             with self._lock:
-                self._pending[rid] = _Request(future, blocks, data, model)
+                self._pending[rid] = _Request(future, blocks, data, model, ends)
             self.bytes_sent += len(data)
             self.items_sent += 1
             self._send_now(data)  # without a connection, it goes with the next one
@@ -214,11 +223,13 @@ class RemoteModel:
         log.info("connected to the model process again; %d waiting items sent to it", sent)
 
     def _send_again(self) -> int:
-        """To a new model process (the send lock held): the preparing counts, the waiting items.
-        Each submit message ends a preparation, so a waiting item counts as one."""
+        """To a new model process (the send lock held): whether this process is preparing
+        jobs of each model, then the waiting items. A waiting item's submit message that ended
+        the preparing counts as one more start of it."""
         with self._lock:
             waiting = sorted(self._pending.items())
-        counts = self._preparing + Counter(request.model for _, request in waiting)
+        busy = Counter(model for model, count in self._preparing.items() if count > 0)
+        counts = busy + Counter(request.model for _, request in waiting if request.ends)
         for model, count in counts.items():
             if count:
                 self._send_now(_dumps(("prep", model, count)))
