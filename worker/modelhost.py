@@ -30,6 +30,11 @@ class Done:
     batch_size: int
     inference_ms: float
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A split worker pickles one per item; a slots dataclass's own pickling looks up its
+        # fields each time.
+        return Done, (self.output, self.batch_size, self.inference_ms)
+
 
 class ModelPort(Protocol):
     """What the engine needs from whatever runs its models (here, or in the model process)."""

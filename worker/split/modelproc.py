@@ -131,9 +131,10 @@ class _Intake:
 
     def send(self, message: tuple[Any, ...]) -> bool:
         """Send one message to the intake process; False if it is gone."""
+        data = _dumps(message)
         with self._send_lock:
             try:
-                self.conn.send(message)
+                self.conn.send_bytes(data)
             except OSError:
                 return False
         return True
@@ -164,6 +165,8 @@ class _Intake:
 
 
 def _dumps(message: tuple[Any, ...]) -> bytes:
+    """Plain pickle: ``Connection.send``'s ForkingPickler copies its table of reducers (torch's
+    among them) for every message, and nothing sent here needs them."""
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
