@@ -101,7 +101,7 @@ def _is_model_process(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"worker.modelproc" in cmdline
+    return b"worker.split.modelproc" in cmdline
 
 
 def ms_per_image(

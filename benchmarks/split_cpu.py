@@ -14,7 +14,6 @@ a shared machine, which is why the A/B is on it.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -23,36 +22,8 @@ from pathlib import Path
 
 from benchmarks import fixtures
 from benchmarks.modes import Blipq
+from benchmarks.processes import ProcessCpu, ms_per_image
 from benchmarks.throughput import Servers, _blipq_env, _pid, _upload, parse
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def processes(launcher: int) -> dict[str, int]:
-    """The launcher's children by role: ``model``, ``intake0``, ``intake1``, ..."""
-    roles: dict[str, int] = {}
-    intakes = 0
-    for entry in sorted(Path("/proc").iterdir(), key=lambda p: p.name):
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            command = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if parent != str(launcher):
-            continue
-        if b"worker.split.modelproc" in command:
-            roles["model"] = int(entry.name)
-        else:
-            roles[f"intake{intakes}"] = int(entry.name)
-            intakes += 1
-    return roles
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,16 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                         mode.keys = servers.keys
                         mode.warm()
-                        roles = processes(_pid(worker))
-                        before = {role: cpu_s(pid) for role, pid in roles.items()}
+                        cpu = ProcessCpu(_pid(worker))
+                        before = cpu.snapshot()
                         started = time.perf_counter()
                         images = mode.run(todo)
                         rate = images / (time.perf_counter() - started)
-                        ms = {
-                            role: round(1000 * (cpu_s(pid) - before[role]) / images, 3)
-                            for role, pid in roles.items()
-                        }
-                        model_ms.setdefault((tree, size), []).append(ms["model"])
+                        ms = ms_per_image(before, cpu.snapshot(), images)
+                        model_ms.setdefault((tree, size), []).append(ms["model_process"])
                         rates.setdefault((tree, size), []).append(rate)
                         batches = dict(sorted(mode.batch_sizes.items()))
                         print(f"rep {rep} {tree} {size}/msg: {rate:.1f}/s {ms} batches {batches}")

@@ -66,7 +66,7 @@ def test_small_tensors_reach_a_process_that_is_not_a_child() -> None:
     import subprocess
     import sys
 
-    from worker.split.remote import _dumps
+    from worker.split.remote import dumps
 
     arena = Arena()
     item = Item(torch.zeros(2), torch.tensor([101, 2054, 102]), CaptionJob(image="s3://bkt/k.jpg"))
@@ -74,7 +74,7 @@ def test_small_tensors_reach_a_process_that_is_not_a_child() -> None:
     read = "import pickle, sys; print(pickle.loads(sys.stdin.buffer.read())[3].ids.tolist())"
     out = subprocess.run(
         [sys.executable, "-c", read],
-        input=_dumps(("submit", 0, ("m",), packed)),
+        input=dumps(("submit", 0, ("m",), packed)),
         capture_output=True,
         check=True,
         cwd=Path(__file__).resolve().parents[2],

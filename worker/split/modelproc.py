@@ -36,6 +36,7 @@ from worker.modelhost import ModelHost
 from worker.models import Placement
 from worker.settings import Settings
 from worker.split.pixels import Attached, Stager
+from worker.split.remote import dumps
 
 log = logging.getLogger("blipq.modelproc")
 READY = "model process ready"
@@ -131,7 +132,7 @@ class _Intake:
 
     def send(self, message: tuple[Any, ...]) -> bool:
         """Send one message to the intake process; False if it is gone."""
-        data = _dumps(message)
+        data = dumps(message)
         with self._send_lock:
             try:
                 self.conn.send_bytes(data)
@@ -154,20 +155,14 @@ class _Intake:
                     break
                 ready.append(answer)
             try:
-                data = _dumps(("answers", ready))
+                data = dumps(("answers", ready))
             except (pickle.PicklingError, TypeError, AttributeError):
-                data = _dumps(("answers", [_picklable(answer) for answer in ready]))
+                data = dumps(("answers", [_picklable(answer) for answer in ready]))
             try:
                 with self._send_lock:
                     self.conn.send_bytes(data)
             except OSError:
                 return
-
-
-def _dumps(message: tuple[Any, ...]) -> bytes:
-    """Plain pickle: ``Connection.send``'s ForkingPickler copies its table of reducers (torch's
-    among them) for every message, and nothing sent here needs them."""
-    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _picklable(answer: tuple[int, bool, Any]) -> tuple[int, bool, Any]:

@@ -71,11 +71,13 @@ def _hang_up(conn: Connection) -> None:
     conn.close()
 
 
-def _dumps(message: tuple[Any, ...]) -> bytes:
+def dumps(message: tuple[Any, ...]) -> bytes:
     """A message to the model process, as bytes. Plain pickle: multiprocessing's ForkingPickler
     would send a small tensor (a question's token ids) as a file descriptor that the receiver
     fetches from this process, which only a multiprocessing child of it may do, and the model
-    process is not one. Small tensors travel by value; large ones are in shared memory."""
+    process is not one. Small tensors travel by value; large ones are in shared memory. The
+    model process sends with it too: ``Connection.send``'s pickler copies its table of reducers
+    (torch's among them) for every message, and nothing on this socket needs them."""
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -143,7 +145,7 @@ class RemoteModel:
             self._preparing[model] += delta
             busy = self._preparing[model] > 0
             if busy != (before > 0):  # without a connection, the state goes with the next one
-                self._send_now(_dumps(("prep", model, 1 if busy else -1)))
+                self._send_now(dumps(("prep", model, 1 if busy else -1)))
 
     def wake(self) -> None:
         """Nothing to do: the model process looks again when a preparation ends."""
@@ -156,7 +158,7 @@ class RemoteModel:
         with self._send_lock:
             self._preparing[model] -= 1
             ends = self._preparing[model] <= 0
-            data = _dumps(("submit", rid, key, packed, ends))
+            data = dumps(("submit", rid, key, packed, ends))
             if self._stopping.is_set():
                 self.arena.release(blocks)
                 future.set_exception(ModelProcessGone("this intake process is stopping"))
@@ -232,7 +234,7 @@ class RemoteModel:
         counts = busy + Counter(request.model for _, request in waiting if request.ends)
         for model, count in counts.items():
             if count:
-                self._send_now(_dumps(("prep", model, count)))
+                self._send_now(dumps(("prep", model, count)))
         sent = 0
         for rid, request in waiting:
             if request.future.cancelled():  # its job gave up waiting (the time limit)
