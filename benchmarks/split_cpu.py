@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = fixtures.photos(opts.images)
     redis_server, s3_server = EmbeddedRedis().start(), EmbeddedS3().start()
     model_ms: dict[tuple[str, int], list[float]] = {}
+    intake_ms: dict[tuple[str, int], list[float]] = {}
     rates: dict[tuple[str, int], list[float]] = {}
     workers = []
     try:
@@ -68,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         rate = images / (time.perf_counter() - started)
                         ms = ms_per_image(before, cpu.snapshot(), images)
                         model_ms.setdefault((tree, size), []).append(ms["model_process"])
+                        intakes = sum(v for role, v in ms.items() if role.startswith("intake_"))
+                        intake_ms.setdefault((tree, size), []).append(intakes)
                         rates.setdefault((tree, size), []).append(rate)
                         batches = dict(sorted(mode.batch_sizes.items()))
                         print(f"rep {rep} {tree} {size}/msg: {rate:.1f}/s {ms} batches {batches}")
@@ -76,13 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             worker.stop()
         s3_server.close()
         redis_server.close()
-    print("\n| tree | jobs per message | images/s (median) | model process CPU ms/image |")
-    print("|---|---:|---:|---|")
+    print(
+        "\n| tree | jobs per message | images/s (median) | model process CPU ms/image "
+        "| intake processes CPU ms/image (median) |"
+    )
+    print("|---|---:|---:|---|---:|")
     for (tree, size), values in model_ms.items():
         rate = statistics.median(rates[tree, size])
         shown = " / ".join(f"{v:.2f}" for v in values)
         print(
-            f"| {tree} | {size} | {rate:.1f} | {shown} (median {statistics.median(values):.2f}) |"
+            f"| {tree} | {size} | {rate:.1f} | {shown} (median {statistics.median(values):.2f}) "
+            f"| {statistics.median(intake_ms[tree, size]):.2f} |"
         )
     return 0
 

@@ -3,6 +3,7 @@ batch it was running fail as unfinished starts, every other job goes to its succ
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection, Listener
@@ -22,9 +23,33 @@ def link(tmp_path: Path) -> Iterator[tuple[str, RemoteModel]]:
     model.stop(timeout=5)
 
 
-def _accept(path: str) -> tuple[Listener, Connection]:
+class _Messages:
+    """The model process's end of the socket: one message at a time, the ones the intake
+    process sent together (``("many", [pickled message, ...])``) one by one."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.together: list[bool] = []  # per read from the socket: several messages in it
+        self._waiting: list[object] = []
+
+    def recv(self) -> object:
+        if not self._waiting:
+            message = self.conn.recv()
+            many = message[0] == "many"
+            self.together.append(many)
+            self._waiting = [pickle.loads(m) for m in message[1]] if many else [message]
+        return self._waiting.pop(0)
+
+    def send(self, message: object) -> None:
+        self.conn.send(message)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _accept(path: str) -> tuple[Listener, _Messages]:
     listener = Listener(path, family="AF_UNIX")
-    return listener, listener.accept()
+    return listener, _Messages(listener.accept())
 
 
 def test_the_running_batch_fails_as_died_and_the_waiting_items_go_to_the_successor(
@@ -33,7 +58,7 @@ def test_the_running_batch_fails_as_died_and_the_waiting_items_go_to_the_success
     path, model = link
     listener = Listener(path, family="AF_UNIX")
     model.start()
-    conn = listener.accept()
+    conn = _Messages(listener.accept())
     model.preparing("m", 4)
     running = model.submit(("m", "k"), "in the batch")
     waiting = model.submit(("m", "k"), "queued behind it")
@@ -74,7 +99,7 @@ def test_answers_before_the_death_leave_nothing_to_blame(link: tuple[str, Remote
     path, model = link
     listener = Listener(path, family="AF_UNIX")
     model.start()
-    conn = listener.accept()
+    conn = _Messages(listener.accept())
     model.preparing("m", 1)  # as the engine does before each submit
     done = model.submit(("m", "k"), "answered")
     assert conn.recv() == ("prep", "m", 1)
@@ -130,13 +155,34 @@ def test_stop_does_not_wait_for_the_model_process_to_hang_up(
     path, model = link
     listener = Listener(path, family="AF_UNIX")
     model.start()
-    conn = listener.accept()
+    conn = _Messages(listener.accept())
     try:
         time.sleep(0.3)  # the reader thread is blocked in recv
         started = time.monotonic()
         model.stop(timeout=10)
         assert time.monotonic() - started < 5
         assert model._reader is not None and not model._reader.is_alive()
+    finally:
+        conn.close()
+        listener.close()
+
+
+def test_messages_posted_together_go_in_one_read_in_order(link: tuple[str, RemoteModel]) -> None:
+    from worker.split.remote import dumps
+
+    path, model = link
+    listener = Listener(path, family="AF_UNIX")
+    model.start()
+    conn = _Messages(listener.accept())
+    try:
+        with model._posted:  # the sender thread waits: all three are posted before it sends
+            for n in range(3):
+                assert model._send_now(dumps(("prep", f"m{n}", 1)))
+        assert [conn.recv() for _ in range(3)] == [("prep", f"m{n}", 1) for n in range(3)]
+        assert conn.together == [True]
+        model.preparing("m", 1)  # alone: sent as it is
+        assert conn.recv() == ("prep", "m", 1)
+        assert conn.together == [True, False]
     finally:
         conn.close()
         listener.close()

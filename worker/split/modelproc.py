@@ -4,14 +4,14 @@ It loads and warms up the served models, starts the model thread (``worker.model
 serves intake processes over a Unix socket: each sends when it starts and stops preparing jobs
 of a model (``("prep", model, +1 or -1)``) and prepared items (``("submit", id, key, item,
 ends)``, pixels in shared memory; ``ends``: the intake process has no more jobs of model
-``key[0]`` in preparation); the answers go back as
-``("answers", [(id, ok, Done or exception), ...])``, all that are ready in one message, from a
-sender thread of that connection, so the model thread only runs batches. Before it runs a
-batch, the model thread itself sends each intake process the ids of its items in it
-(``("running", [id, ...])``): if the process dies in that batch, those jobs are the ones whose
-start did not finish (a poison job is among them), the others were only waiting. It prints
-``model process ready`` once it listens. An intake process that goes away takes its "preparing"
-counts with it.
+``key[0]`` in preparation), several at once as ``("many", [pickled message, ...])``; the
+answers go back as ``("answers", [(id, ok, Done or exception), ...])``, all that are ready in
+one message, from a sender thread of that connection, so the model thread only runs batches.
+Before it runs a batch, the model thread itself sends each intake process the ids of its items
+in it (``("running", [id, ...])``): if the process dies in that batch, those jobs are the ones
+whose start did not finish (a poison job is among them), the others were only waiting. It
+prints ``model process ready`` once it listens. An intake process that goes away takes its
+"preparing" counts with it.
 """
 
 from __future__ import annotations
@@ -92,13 +92,11 @@ class _Intake:
         try:
             while True:
                 message = self.conn.recv()
-                if message[0] == "submit":
-                    _, rid, key, item, ends = message
-                    self.prep[key[0]] -= ends
-                    self._submit(rid, key, item, int(ends))
-                elif message[0] == "prep":
-                    self.prep[message[1]] += message[2]
-                    self.host.preparing(message[1], message[2])
+                if message[0] == "many":
+                    for data in message[1]:
+                        self._take(pickle.loads(data))
+                else:
+                    self._take(message)
         except (EOFError, OSError):
             pass
         finally:
@@ -108,6 +106,15 @@ class _Intake:
             self.answers.put(None)
             sender.join(5)
             self.conn.close()
+
+    def _take(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "submit":
+            _, rid, key, item, ends = message
+            self.prep[key[0]] -= ends
+            self._submit(rid, key, item, int(ends))
+        elif message[0] == "prep":
+            self.prep[message[1]] += message[2]
+            self.host.preparing(message[1], message[2])
 
     def _submit(self, rid: int, key: Hashable, item: Any, ends: int) -> None:
         try:

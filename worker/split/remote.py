@@ -96,8 +96,12 @@ class RemoteModel:
         self._send_lock = threading.Lock()
         self._conn: Connection | None = None
         self._preparing: Counter[str] = Counter()
+        # Messages wait here for the sender thread, which sends all that are waiting at once.
+        self._outbox: list[bytes] = []
+        self._posted = threading.Condition(self._send_lock)
         self._stopping = threading.Event()
         self._reader: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
         self.bytes_sent = 0
         """Bytes pickled onto the socket for items (pixels excluded: they are in the arena)."""
         self.items_sent = 0
@@ -115,15 +119,20 @@ class RemoteModel:
             )
         self._reader = threading.Thread(target=self._read, name="blipq-model-link", daemon=True)
         self._reader.start()
+        self._sender = threading.Thread(target=self._send, name="blipq-model-send", daemon=True)
+        self._sender.start()
 
     def stop(self, timeout: float | None = None) -> None:
         self._stopping.set()
         with self._send_lock:
             conn, self._conn = self._conn, None
+            self._outbox.clear()
+            self._posted.notify()
         if conn is not None:
             _hang_up(conn)
-        if self._reader is not None:
-            self._reader.join(timeout)
+        for thread in (self._reader, self._sender):
+            if thread is not None:
+                thread.join(timeout)
         self._fail_pending("this intake process is stopping; the job runs again")
         self.arena.close()
         if self.items_sent:
@@ -173,14 +182,33 @@ class RemoteModel:
     # --- the link ----------------------------------------------------------------------------
 
     def _send_now(self, data: bytes) -> bool:
-        """Send on the current connection (the send lock held); False if there is none."""
+        """Post a message for the current connection (the send lock held); False if there is
+        none. The sender thread sends it, in order, with whatever else is waiting."""
         if self._conn is None:
             return False
-        try:
-            self._conn.send_bytes(data)
-        except OSError:  # the model process is gone: the reader sees it too
-            return False
+        self._outbox.append(data)
+        if len(self._outbox) == 1:
+            self._posted.notify()
         return True
+
+    def _send(self) -> None:
+        """The sender thread: every message posted since its last send goes in one, as
+        ``("many", [message, ...])`` when there are several. The threads that submit no longer
+        wait for the socket (nor for each other at it), and under load the model process
+        reads one message for many items."""
+        while True:
+            with self._posted:
+                while not self._outbox and not self._stopping.is_set():
+                    self._posted.wait()
+                if self._stopping.is_set():
+                    return
+                posted, self._outbox = self._outbox, []
+                conn = self._conn
+            if conn is None:  # lost meanwhile: what was posted is sent again on reconnect
+                continue
+            data = posted[0] if len(posted) == 1 else dumps(("many", posted))
+            with contextlib.suppress(OSError):  # the model process is gone: the reader sees it
+                conn.send_bytes(data)
 
     def _read(self) -> None:
         while not self._stopping.is_set():
@@ -205,6 +233,7 @@ class RemoteModel:
         """The model process is gone: fail its running batch, keep the rest for its successor."""
         with self._send_lock:
             self._conn = None
+            self._outbox.clear()  # its items are pending: sent again to the next one
         with self._lock:
             died, self._running = sorted(self._running), set()
         log.warning(
