@@ -58,7 +58,7 @@ from benchmarks.modes import (
     SeedLoop,
     s3_client,
 )
-from benchmarks.processes import FloorMulti, ProcessCpu, S3Address, ms_per_image
+from benchmarks.processes import FloorMulti, ProcessCpu, S3Address, children, cpu_s, ms_per_image
 from benchmarks.raypeer import ModelSpec, RayData, RayKnobs
 
 GOALS = {
@@ -162,6 +162,9 @@ class Report:
     goals: list[dict[str, Any]] = field(default_factory=list)
     cpu_ms_per_image: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per blipq mode, CPU ms per image of each worker process (and the model thread)."""
+    cpu_accounting: dict[str, dict[str, float]] = field(default_factory=dict)
+    """--null-model: CPU ms per image of every process a mode keeps busy, floor_multi's and
+    blipq's, and what that bounds blipq / floor_multi to on a CPU-bound machine."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -552,7 +555,6 @@ def bench_null(report: Report, opts: Options, servers: Servers) -> None:
             if multi is not None:
                 _ratio(report, samples, "blipq_null", multi.name)
                 report.modes[multi.name]["threads"] = f"{multi.processes}x{multi.threads}"
-                multi.close()
             _peer_ratios(report, samples, [p for p in peers if p], chunked, multi)
             report.batch_sizes["blipq_null"] = _histogram(blipq)
             if chunked is not None:
@@ -564,6 +566,9 @@ def bench_null(report: Report, opts: Options, servers: Servers) -> None:
                 report.batch_sizes["blipq_null_chunked"] = _histogram(chunked)
                 report.modes["blipq_null_chunked"]["per_message"] = opts.per_message
             _process_cpu(report, _pid(worker), blipq, todo)
+            if multi is not None:
+                _cpu_accounting(report, servers, _pid(worker), multi, [blipq, chunked], todo)
+                multi.close()
             _log("idle latency: single null jobs (no model time at all)")
             _idle_latency(report, blipq, keys, opts.latency_samples, None)
         report.peak_rss_mib["blipq_null_worker"] = _peak_rss_mib(_pid(worker))
@@ -580,6 +585,58 @@ def _process_cpu(report: Report, worker_pid: int, blipq: Blipq, todo: list[str])
     images = blipq.run(todo)
     report.cpu_ms_per_image[blipq.name] = ms_per_image(before, cpu.snapshot(), images)
     _log(f"{blipq.name} CPU ms per image: {report.cpu_ms_per_image[blipq.name]}")
+
+
+def _cpu_accounting(
+    report: Report,
+    servers: Servers,
+    worker_pid: int,
+    multi: FloorMulti,
+    modes: list[Blipq | None],
+    todo: list[str],
+) -> None:
+    """One more run of floor_multi and of each blipq mode, CPU ms per image of every process
+    each keeps busy: its own (floor processes; the worker's processes), the S3 server, Redis and
+    this process (blipq's producer and result reader; nothing for the floor). On a machine whose
+    cores they all share, images/s can be at most cores / total, so floor_multi's total over
+    blipq's bounds blipq / floor_multi (``cpu_bound``); with nothing spent in the worker beyond
+    the floor's own work, the bound would still be floor / (floor + Redis + producer + model
+    process) (``bound_without_intake_overhead``)."""
+
+    def servers_and_self() -> dict[str, float]:
+        times = os.times()
+        return {
+            "s3_server": cpu_s(servers.s3.proc.pid)
+            + sum(cpu_s(pid) for pid in children(servers.s3.proc.pid)),
+            "redis": cpu_s(servers.redis.proc.pid),
+            "producer": times.user + times.system,
+        }
+
+    def per_image(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+        return {k: round((after[k] - before[k]) * 1000 / n, 3) for k in after}
+
+    pids = multi.pids
+    before = {"floor_processes": sum(cpu_s(pid) for pid in pids), **servers_and_self()}
+    images = multi.run(todo)
+    after = {"floor_processes": sum(cpu_s(pid) for pid in pids), **servers_and_self()}
+    floor = per_image(before, after, images)
+    floor["total"] = round(sum(floor.values()), 3)
+    report.cpu_accounting[multi.name] = floor
+    for mode in modes:
+        if mode is None:
+            continue
+        cpu = ProcessCpu(worker_pid)
+        before = {**cpu.snapshot(), **servers_and_self()}
+        images = mode.run(todo)
+        spent = per_image(before, {**cpu.snapshot(), **servers_and_self()}, images)
+        spent.pop("model_thread", None)  # inside its process's figure
+        spent["total"] = round(sum(spent.values()), 3)
+        own = floor["floor_processes"] + floor["s3_server"]
+        rest = spent["redis"] + spent["producer"] + spent.get("model_process", 0.0)
+        spent["cpu_bound"] = round(floor["total"] / spent["total"], 3)
+        spent["bound_without_intake_overhead"] = round(own / (own + rest), 3)
+        report.cpu_accounting[mode.name] = spent
+        _log(f"{mode.name} CPU ms per image, every process: {spent}")
 
 
 def _floor_multi(report: Report, opts: Options, servers: Servers, meter: CpuMeter) -> Any:
@@ -828,6 +885,9 @@ def render(report: Report) -> str:
         out.append("GPU: " + ", ".join(f"{k} {v}" for k, v in report.gpu.items()))
     for mode, cpu in report.cpu_ms_per_image.items():
         out.append(f"\n{mode} CPU ms per image: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
+    for mode, spent in report.cpu_accounting.items():
+        shown = ", ".join(f"{k} {v}" for k, v in spent.items())
+        out.append(f"\n{mode} CPU ms per image, every process it keeps busy: {shown}")
     if report.peak_rss_mib:
         rss = ", ".join(f"{k} {v:.0f} MiB" for k, v in report.peak_rss_mib.items())
         out.append(f"peak RSS (VmHWM): {rss}")
