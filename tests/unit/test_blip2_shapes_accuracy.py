@@ -422,7 +422,7 @@ def test_misordered_chat_turns_change_the_answer(family: str) -> None:
 
 
 # Prompt templates a buggy worker might send instead of its own. Measured on these fixtures:
-# OPT answers only after its own "Answer:" cue (0.12-0.51 otherwise). T5, an encoder-decoder,
+# OPT answers only after its own "Answer:" cue (0.15-0.53 otherwise). T5, an encoder-decoder,
 # reads the question whatever surrounds it: OPT's "Answer:" cue 0.958, "Q: {q} A:" 0.950,
 # "{q} Short answer:" 0.958, "Question: {q}" 0.950 (the gate cannot catch those on T5); only the
 # bare question fails it clearly (0.59).
