@@ -4,11 +4,12 @@
 
 Each tree (a checkout of blipq, e.g. ``git worktree add /tmp/before HEAD~1``) starts its own
 ``blipq-worker`` with the null model (every step but inference) and ``--intake-processes``
-intake processes, serving a model name of its own, against one Redis and one S3 server. The
-rounds rotate over trees and message sizes; each prints images/s and the CPU ms per image
-(utime + stime from ``/proc``) of the model process and of each intake process, and the batch
-sizes. The table at the end has the medians. CPU time per image moves far less than images/s on
-a shared machine, which is why the A/B is on it.
+intake processes (0: one worker process, whose model thread counts as the model process and
+the whole process as the intake), serving a model name of its own, against one Redis and one
+S3 server. The rounds rotate over trees and message sizes; each prints images/s and the CPU ms
+per image (utime + stime from ``/proc``) of the model process and of each intake process, and
+the batch sizes. The table at the end has the medians. CPU time per image moves far less than
+images/s on a shared machine, which is why the A/B is on it.
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         images = mode.run(todo)
                         rate = images / (time.perf_counter() - started)
                         ms = ms_per_image(before, cpu.snapshot(), images)
-                        model_ms.setdefault((tree, size), []).append(ms["model_process"])
-                        intakes = sum(v for role, v in ms.items() if role.startswith("intake_"))
+                        # With --intake-processes 0 the one worker process is both.
+                        model = ms.get("model_process", ms.get("model_thread", 0.0))
+                        model_ms.setdefault((tree, size), []).append(model)
+                        intakes = sum(
+                            v for role, v in ms.items() if role.startswith(("intake_", "worker"))
+                        )
                         intake_ms.setdefault((tree, size), []).append(intakes)
                         rates.setdefault((tree, size), []).append(rate)
                         batches = dict(sorted(mode.batch_sizes.items()))
