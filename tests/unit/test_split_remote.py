@@ -186,3 +186,34 @@ def test_messages_posted_together_go_in_one_read_in_order(link: tuple[str, Remot
     finally:
         conn.close()
         listener.close()
+
+
+def test_a_failed_send_reconnects_and_sends_the_waiting_items_again(
+    link: tuple[str, RemoteModel],
+) -> None:
+    path, model = link
+    listener = Listener(path, family="AF_UNIX")
+    model.start()
+    conn = _Messages(listener.accept())
+    broken = model._conn
+    assert broken is not None
+
+    def fail(data: bytes) -> None:
+        raise ValueError("not sendable")
+
+    broken.send_bytes = fail  # type: ignore[method-assign]
+    model.preparing("m", 1)
+    waiting = model.submit(("m", "k"), "sent again")
+    with pytest.raises(EOFError):  # the link was hung up, not left silent
+        conn.recv()
+    conn.close()
+    conn = _Messages(listener.accept())  # the client connects again
+    try:
+        assert conn.recv() == ("prep", "m", 1)
+        again = conn.recv()
+        assert again[3:] == ("sent again", True)
+        conn.send(("answers", [(again[1], True, "output")]))
+        assert waiting.result(timeout=5) == "output"
+    finally:
+        conn.close()
+        listener.close()

@@ -206,9 +206,15 @@ class RemoteModel:
                 conn = self._conn
             if conn is None:  # lost meanwhile: what was posted is sent again on reconnect
                 continue
-            data = posted[0] if len(posted) == 1 else dumps(("many", posted))
-            with contextlib.suppress(OSError):  # the model process is gone: the reader sees it
-                conn.send_bytes(data)
+            try:
+                conn.send_bytes(posted[0] if len(posted) == 1 else dumps(("many", posted)))
+            except OSError:  # the model process is gone: the reader sees it
+                pass
+            except Exception:
+                # Not lost, yet not sent: hang up, so the reader reconnects and every waiting
+                # item goes again (a sender thread that died would leave them waiting).
+                log.exception("sending to the model process failed; connecting again")
+                _hang_up(conn)
 
     def _read(self) -> None:
         while not self._stopping.is_set():
