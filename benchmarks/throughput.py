@@ -565,10 +565,11 @@ def bench_null(report: Report, opts: Options, servers: Servers) -> None:
                     _ratio(report, samples, "blipq_null_chunked", multi.name)
                 report.batch_sizes["blipq_null_chunked"] = _histogram(chunked)
                 report.modes["blipq_null_chunked"]["per_message"] = opts.per_message
-            _process_cpu(report, _pid(worker), blipq, todo)
-            if multi is not None:
+            if multi is not None:  # it reads the worker's processes too
                 _cpu_accounting(report, servers, _pid(worker), multi, [blipq, chunked], todo)
                 multi.close()
+            else:
+                _process_cpu(report, _pid(worker), blipq, todo)
             _log("idle latency: single null jobs (no model time at all)")
             _idle_latency(report, blipq, keys, opts.latency_samples, None)
         report.peak_rss_mib["blipq_null_worker"] = _peak_rss_mib(_pid(worker))
@@ -601,7 +602,8 @@ def _cpu_accounting(
     cores they all share, images/s can be at most cores / total, so floor_multi's total over
     blipq's bounds blipq / floor_multi (``cpu_bound``); with nothing spent in the worker beyond
     the floor's own work, the bound would still be floor / (floor + Redis + producer + model
-    process) (``bound_without_intake_overhead``)."""
+    process) (``bound_without_intake_overhead``). Each mode's worker processes alone go to
+    ``cpu_ms_per_image``, as ``_process_cpu`` reports them."""
 
     def servers_and_self() -> dict[str, float]:
         times = os.times()
@@ -612,14 +614,11 @@ def _cpu_accounting(
             "producer": times.user + times.system,
         }
 
-    def per_image(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
-        return {k: round((after[k] - before[k]) * 1000 / n, 3) for k in after}
-
     pids = multi.pids
     before = {"floor_processes": sum(cpu_s(pid) for pid in pids), **servers_and_self()}
     images = multi.run(todo)
     after = {"floor_processes": sum(cpu_s(pid) for pid in pids), **servers_and_self()}
-    floor = per_image(before, after, images)
+    floor = ms_per_image(before, after, images)
     floor["total"] = round(sum(floor.values()), 3)
     report.cpu_accounting[multi.name] = floor
     for mode in modes:
@@ -628,7 +627,10 @@ def _cpu_accounting(
         cpu = ProcessCpu(worker_pid)
         before = {**cpu.snapshot(), **servers_and_self()}
         images = mode.run(todo)
-        spent = per_image(before, {**cpu.snapshot(), **servers_and_self()}, images)
+        spent = ms_per_image(before, {**cpu.snapshot(), **servers_and_self()}, images)
+        report.cpu_ms_per_image[mode.name] = {
+            role: ms for role, ms in spent.items() if role not in ("s3_server", "redis", "producer")
+        }
         spent.pop("model_thread", None)  # inside its process's figure
         spent["total"] = round(sum(spent.values()), 3)
         own = floor["floor_processes"] + floor["s3_server"]

@@ -52,13 +52,18 @@ def _accept(path: str) -> tuple[Listener, _Messages]:
     return listener, _Messages(listener.accept())
 
 
+def _serve(path: str, model: RemoteModel) -> tuple[Listener, _Messages]:
+    """A model process listening at ``path``, and ``model`` started and connected to it."""
+    listener = Listener(path, family="AF_UNIX")
+    model.start()  # it connects before it returns
+    return listener, _Messages(listener.accept())
+
+
 def test_the_running_batch_fails_as_died_and_the_waiting_items_go_to_the_successor(
     link: tuple[str, RemoteModel],
 ) -> None:
     path, model = link
-    listener = Listener(path, family="AF_UNIX")
-    model.start()
-    conn = _Messages(listener.accept())
+    listener, conn = _serve(path, model)
     model.preparing("m", 4)
     running = model.submit(("m", "k"), "in the batch")
     waiting = model.submit(("m", "k"), "queued behind it")
@@ -97,9 +102,7 @@ def test_the_running_batch_fails_as_died_and_the_waiting_items_go_to_the_success
 
 def test_answers_before_the_death_leave_nothing_to_blame(link: tuple[str, RemoteModel]) -> None:
     path, model = link
-    listener = Listener(path, family="AF_UNIX")
-    model.start()
-    conn = _Messages(listener.accept())
+    listener, conn = _serve(path, model)
     model.preparing("m", 1)  # as the engine does before each submit
     done = model.submit(("m", "k"), "answered")
     assert conn.recv() == ("prep", "m", 1)
@@ -153,9 +156,7 @@ def test_stop_does_not_wait_for_the_model_process_to_hang_up(
     """The launcher stops the model process only after the intake processes: an intake
     process's stop must not wait for the model process's end of the socket."""
     path, model = link
-    listener = Listener(path, family="AF_UNIX")
-    model.start()
-    conn = _Messages(listener.accept())
+    listener, conn = _serve(path, model)
     try:
         time.sleep(0.3)  # the reader thread is blocked in recv
         started = time.monotonic()
@@ -171,13 +172,11 @@ def test_messages_posted_together_go_in_one_read_in_order(link: tuple[str, Remot
     from worker.split.remote import dumps
 
     path, model = link
-    listener = Listener(path, family="AF_UNIX")
-    model.start()
-    conn = _Messages(listener.accept())
+    listener, conn = _serve(path, model)
     try:
         with model._posted:  # the sender thread waits: all three are posted before it sends
             for n in range(3):
-                assert model._send_now(dumps(("prep", f"m{n}", 1)))
+                assert model._post(dumps(("prep", f"m{n}", 1)))
         assert [conn.recv() for _ in range(3)] == [("prep", f"m{n}", 1) for n in range(3)]
         assert conn.together == [True]
         model.preparing("m", 1)  # alone: sent as it is
@@ -192,9 +191,7 @@ def test_a_failed_send_reconnects_and_sends_the_waiting_items_again(
     link: tuple[str, RemoteModel],
 ) -> None:
     path, model = link
-    listener = Listener(path, family="AF_UNIX")
-    model.start()
-    conn = _Messages(listener.accept())
+    listener, conn = _serve(path, model)
     broken = model._conn
     assert broken is not None
 

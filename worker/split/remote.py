@@ -154,7 +154,7 @@ class RemoteModel:
             self._preparing[model] += delta
             busy = self._preparing[model] > 0
             if busy != (before > 0):  # without a connection, the state goes with the next one
-                self._send_now(dumps(("prep", model, 1 if busy else -1)))
+                self._post(dumps(("prep", model, 1 if busy else -1)))
 
     def wake(self) -> None:
         """Nothing to do: the model process looks again when a preparation ends."""
@@ -176,12 +176,12 @@ class RemoteModel:
                 self._pending[rid] = _Request(future, blocks, data, model, ends)
             self.bytes_sent += len(data)
             self.items_sent += 1
-            self._send_now(data)  # without a connection, it goes with the next one
+            self._post(data)  # without a connection, it goes with the next one
         return future
 
     # --- the link ----------------------------------------------------------------------------
 
-    def _send_now(self, data: bytes) -> bool:
+    def _post(self, data: bytes) -> bool:
         """Post a message for the current connection (the send lock held); False if there is
         none. The sender thread sends it, in order, with whatever else is waiting."""
         if self._conn is None:
@@ -269,12 +269,12 @@ class RemoteModel:
         counts = busy + Counter(request.model for _, request in waiting if request.ends)
         for model, count in counts.items():
             if count:
-                self._send_now(dumps(("prep", model, count)))
+                self._post(dumps(("prep", model, count)))
         sent = 0
         for rid, request in waiting:
             if request.future.cancelled():  # its job gave up waiting (the time limit)
                 self._resolve(rid, False, ModelProcessGone("cancelled"))
-            elif self._send_now(request.data):
+            elif self._post(request.data):
                 sent += 1
         return sent
 
