@@ -25,6 +25,7 @@ from producer.protocol.celeryconf import (
 from producer.protocol.connect import redis_client
 from producer.protocol.jobs import model_of
 from producer.protocol.keys import TASK_RUN_JOB, queue_for
+from worker import heap
 from worker.celery import patches
 from worker.celery.chunks import ChunkRunner
 from worker.delivery.reaper import Reaper
@@ -177,6 +178,12 @@ def _start(sender: Any = None, **_: Any) -> None:
     """Load and warm up every served model after logging is set up, before consuming starts.
     ``sender`` is the node name (``name@host``): results name their worker by it."""
     start(get_settings(), node=str(sender) if sender else None)
+
+
+@signals.worker_ready.connect
+def _settle(**_: Any) -> None:
+    """The consumer is up: what start-up made stays, so the collector stops walking it."""
+    heap.settle()
 
 
 @signals.worker_shutdown.connect

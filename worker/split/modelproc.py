@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection, Listener
 from typing import Any
 
+from worker import heap
 from worker.engine import configure_process, load_runners
 from worker.metrics import Metrics
 from worker.modelhost import ModelHost
@@ -205,6 +206,7 @@ def serve(settings: Settings, path: str) -> None:
     running = _Running()
     host.on_batch = running.announce
     host.start()
+    heap.settle()
     listener = Listener(path, family="AF_UNIX")
     os.chmod(path, 0o600)
     stopping = threading.Event()
